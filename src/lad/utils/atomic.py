@@ -1,0 +1,108 @@
+"""Atomic outputs: everything is written under a temporary name and renamed into place.
+
+A killed process therefore never leaves a half-written file or folder that a later step reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["atomic_path", "atomic_dir", "write_json", "write_text", "prepare_output_dir", "OutputExistsError"]
+
+
+class OutputExistsError(FileExistsError):
+    """Raised when an output exists and the user did not ask to overwrite or resume it."""
+
+
+def _tmp_name(final: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it to ``final`` when the block succeeds.
+
+    ``suffix`` keeps an extension on the temporary name for writers that infer the format from it
+    (for example ``.nii.gz`` for SimpleITK / nibabel, ``.npy`` for numpy).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    if suffix:
+        tmp.unlink()
+        tmp = tmp.with_name(tmp.name + suffix)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``final``; it replaces ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` as JSON atomically (numpy scalars and paths are converted)."""
+
+    def default(o: Any) -> Any:
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")
+
+
+def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create an output folder, refusing to reuse a non-empty one unless told to.
+
+    ``resume=True`` keeps the existing content (the caller skips finished work);
+    ``overwrite=True`` deletes it first. Otherwise a non-empty folder raises ``OutputExistsError``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path}: exists and is not a folder")
+    if path.exists() and any(path.iterdir()):
+        if overwrite:
+            shutil.rmtree(path)
+        elif not resume:
+            raise OutputExistsError(
+                f"{path}: output folder exists and is not empty; pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    return path

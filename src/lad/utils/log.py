@@ -1,0 +1,54 @@
+"""Library logger and progress bars.
+
+Library code never prints: it logs through ``get_logger`` and shows progress through ``progress``,
+which is silent off the main process (``RANK`` != 0) or when progress is disabled (``--no-progress``
+sets ``LAD_NO_PROGRESS=1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+__all__ = ["get_logger", "progress", "is_main_process", "configure_logging", "set_progress_enabled"]
+
+_LOGGER_NAME = "lad"
+
+
+def is_main_process() -> bool:
+    """True unless this process is a non-zero rank of a distributed (torchrun) job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def get_logger(name: str | None = None) -> logging.Logger:
+    """The ``lad`` logger (or a child of it)."""
+    return logging.getLogger(_LOGGER_NAME if not name else f"{_LOGGER_NAME}.{name.removeprefix('lad.')}")
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Attach one stderr handler to the ``lad`` logger (the CLI calls this; libraries should not)."""
+    logger = logging.getLogger(_LOGGER_NAME)
+    if not any(getattr(h, "_lad", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._lad = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level if is_main_process() else logging.WARNING)
+    logger.propagate = False
+
+
+def set_progress_enabled(enabled: bool) -> None:
+    """Switch progress bars on or off for this process (``--no-progress``)."""
+    os.environ["LAD_NO_PROGRESS"] = "0" if enabled else "1"
+
+
+def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", **kwargs) -> Iterator[T]:
+    """A tqdm progress bar that is disabled off the main process or with ``--no-progress``."""
+    disable = os.environ.get("LAD_NO_PROGRESS", "0") == "1" or not is_main_process()
+    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, **kwargs)
