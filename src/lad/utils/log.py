@@ -48,7 +48,7 @@ def set_progress_enabled(enabled: bool) -> None:
     os.environ["LAD_NO_PROGRESS"] = "0" if enabled else "1"
 
 
-def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", **kwargs) -> Iterator[T]:
-    """A tqdm progress bar that is disabled off the main process or with ``--no-progress``."""
-    disable = os.environ.get("LAD_NO_PROGRESS", "0") == "1" or not is_main_process()
+def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", disable: bool = False, **kwargs) -> Iterator[T]:
+    """A tqdm progress bar that is disabled off the main process, with ``--no-progress`` or ``disable``."""
+    disable = disable or os.environ.get("LAD_NO_PROGRESS", "0") == "1" or not is_main_process()
     return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, **kwargs)

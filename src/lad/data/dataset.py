@@ -1,0 +1,93 @@
+"""``PreparedDataset``: the one contract every later stage reads (docs/contracts.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lad.data.labels import hu_to_unit
+
+__all__ = ["PreparedDataset"]
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """Windows of a prepared dataset folder (written by ``lad prepare``), memory-mapped.
+
+    ``ds[i]`` is a dict:
+
+    * ``image``: ``(1, D, H, W)`` float32 in [0, 1] (HU [-1000, 400] scaled);
+    * ``mask``: ``(1, D, H, W)`` uint8 in {0, 1, 2} (background, organ of interest, tumour);
+    * ``organs``: ``(1, D, H, W)`` uint8 (0 background, 1 liver, 2 kidney, 3 spleen, 4 pancreas, 5 tumour);
+    * ``affine``: ``(4, 4)`` float64 mapping ``(d, h, w, 1)`` to RAS millimetres;
+    * ``meta``: the window's manifest entry (id, patient, split, z_range, provenance).
+    """
+
+    def __init__(self, path: str | Path, split: str | None = "train"):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: prepared dataset folder does not exist")
+        if not manifest_path.exists():
+            raise ValueError(f"{self.path}: not a prepared dataset (no manifest.json; run `lad prepare` first)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{manifest_path}: corrupt manifest ({e})") from None
+        if self.manifest.get("format") != "lad-prepared":
+            raise ValueError(f"{manifest_path}: not a lad prepared-dataset manifest")
+        if split not in ("train", "test", None):
+            raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
+        self.split = split
+        self.windows: list[dict[str, Any]] = [w for w in self.manifest["windows"] if split is None or w["split"] == split]
+        fp = self.path / "fingerprint.json"
+        self.fingerprint: dict[str, Any] = json.loads(fp.read_text()) if fp.exists() else {}
+        self.config: dict[str, Any] = self.manifest["config"]
+        self.shape: tuple[int, int, int] = (int(self.config["depth"]), *map(int, self.config["size"]))
+        self._arrays: dict[str, dict[str, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def index_of(self, window_id: str) -> int:
+        for i, w in enumerate(self.windows):
+            if w["id"] == window_id:
+                return i
+        raise KeyError(f"{self.path}: no window {window_id!r} (split {self.split})")
+
+    def _patient(self, pid: str) -> dict[str, np.ndarray]:
+        arrays = self._arrays.get(pid)
+        if arrays is None:
+            folder = self.path / "patients" / pid
+            try:
+                arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in ("image", "mask", "organs")}
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"{folder}: missing or corrupt window arrays ({e})") from None
+            self._arrays[pid] = arrays
+        return arrays
+
+    def get_arrays(self, i: int) -> dict[str, Any]:
+        """Raw arrays of window ``i``: ``hu`` int16 (D, H, W), ``mask``, ``organs`` uint8, ``affine``, ``meta``."""
+        w = self.windows[i]
+        a = self._patient(w["patient"])
+        k = w["index"]
+        return {"hu": np.asarray(a["image"][k]), "mask": np.asarray(a["mask"][k]), "organs": np.asarray(a["organs"][k]),
+                "affine": np.asarray(w["affine"], dtype=np.float64), "meta": w}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.get_arrays(i)
+        return {
+            "image": hu_to_unit(r["hu"])[None],
+            "mask": r["mask"][None].copy(),
+            "organs": r["organs"][None].copy(),
+            "affine": r["affine"],
+            "meta": r["meta"],
+        }
+
+    def __getstate__(self):  # DataLoader workers re-open their own memory maps
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state

@@ -1,0 +1,158 @@
+"""The Lad sampling pipeline: masks in, CT volumes out (paper section 3.4, Figure 2(c)).
+
+```python
+from lad.sampling.pipeline import LadPipeline
+pipe = LadPipeline.from_run("runs/demo", device="cpu")
+volumes = pipe(masks, seeds=[0, 1], guidance=1.0, sampler="ddim", steps=50)  # (B, 1, D, H, W) in [0, 1]
+```
+
+The denoising loop is the ten visible lines of ``__call__``. Every sample draws its noise from its
+own generator seeded by its own seed, so a sample does not depend on which batch it was in (this is
+what makes sharded and resumed generation equal a single run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lad.utils.log import get_logger, progress
+
+__all__ = ["LadPipeline", "load_run_parts"]
+
+log = get_logger(__name__)
+
+
+def _file_hash(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_run_parts(run: str | Path, *, device: str | torch.device = "cpu", ema: bool = True) -> dict:
+    """Load every trained part of a run folder (docs/contracts.md "Run folder")."""
+    from lad.models.condition import ConditionExtractor
+    from lad.models.denoiser import LatentDenoiser
+    from lad.models.vqgan import VQGAN
+    from lad.schedulers import DDPMScheduler
+
+    run = Path(run)
+    if not (run / "vqgan").is_dir():
+        raise FileNotFoundError(f"{run}: no trained VQ-GAN (run `lad train vqgan --run {run}` first)")
+    den_dir = run / ("denoiser_ema" if ema and (run / "denoiser_ema").is_dir() else "denoiser")
+    if not den_dir.is_dir():
+        raise FileNotFoundError(f"{run}: no trained denoiser (run `lad train diffusion --run {run}` first)")
+    stats_path = run / "latent_stats.json"
+    if not stats_path.exists():
+        raise FileNotFoundError(f"{stats_path}: missing latent scaling (written by `lad train diffusion`)")
+    parts = {
+        "vqgan": VQGAN.from_pretrained(run / "vqgan", map_location=device).to(device).eval(),
+        "denoiser": LatentDenoiser.from_pretrained(den_dir, map_location=device).to(device).eval(),
+        "scheduler": DDPMScheduler.from_pretrained(run / "scheduler"),
+        "latent_stats": json.loads(stats_path.read_text()),
+        "condition": None,
+        "checkpoint_hash": _file_hash(den_dir / "model.safetensors"),
+    }
+    if (run / "condition").is_dir():
+        parts["condition"] = ConditionExtractor.from_pretrained(run / "condition", map_location=device).to(device).eval()
+    return parts
+
+
+class LadPipeline:
+    """VQ-GAN + Condition Extractor + latent denoiser + scheduler, ready to sample."""
+
+    def __init__(self, *, vqgan, denoiser, scheduler, latent_stats: dict, condition=None, device="cpu", checkpoint_hash: str = ""):
+        self.vqgan = vqgan
+        self.denoiser = denoiser
+        self.scheduler = scheduler
+        self.condition = condition
+        self.device = torch.device(device)
+        self.checkpoint_hash = checkpoint_hash
+        self.latent_stats = latent_stats
+        self._shift = torch.as_tensor(latent_stats["shift"], dtype=torch.float32, device=self.device)
+        self._scale = torch.as_tensor(latent_stats["scale"], dtype=torch.float32, device=self.device)
+        self.latent_shape = tuple(latent_stats["latent_shape"])  # (C, d, h, w)
+        self.image_shape = tuple(latent_stats["image_shape"])  # (D, H, W)
+
+    @classmethod
+    def from_run(cls, run: str | Path, *, device: str | torch.device = "cpu", ema: bool = True) -> "LadPipeline":
+        return cls(**load_run_parts(run, device=device, ema=ema), device=device)
+
+    # latent scaling (written by the diffusion trainer): z_scaled = (z - shift) / scale
+    def _unscale(self, z: torch.Tensor) -> torch.Tensor:
+        view = (1, -1, 1, 1, 1) if self._shift.ndim == 1 else (1,)
+        return z * self._scale.view(*view) + self._shift.view(*view)
+
+    @torch.no_grad()
+    def conditions(self, masks: torch.Tensor) -> torch.Tensor | None:
+        """Condition vectors ``(B, cond_dim)`` for Lad masks ``(B, 1, D, H, W)`` uint8 in {0, 1, 2}."""
+        if self.condition is None:
+            return None
+        from lad.models.condition import encode_mask
+        from lad.topology import betti_vectors, normalize_betti
+
+        mask_latent = encode_mask(self.vqgan, masks.to(self.device)) if self.condition.config["use_content"] else None
+        betti = None
+        if self.condition.config["use_structure"]:
+            vec = betti_vectors(masks[:, 0].cpu().numpy())
+            betti = torch.as_tensor(normalize_betti(vec), device=self.device)
+        return self.condition(mask_latent, betti)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        masks: torch.Tensor,
+        *,
+        seeds: Sequence[int],
+        guidance: float = 1.0,
+        sampler: str = "ddim",
+        steps: int = 50,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """Generate one CT volume per mask.
+
+        masks: ``(B, 1, D, H, W)`` uint8 in {0, 1, 2} on the model's grid; seeds: one int per sample.
+        Returns ``(B, 1, D, H, W)`` float32 in [0, 1] (HU [-1000, 400]) on the pipeline's device.
+        """
+        from lad.models.guidance import guided_epsilon
+
+        if masks.ndim != 5 or tuple(masks.shape[2:]) != self.image_shape:
+            raise ValueError(f"masks must be (B, 1, {', '.join(map(str, self.image_shape))}), got {tuple(masks.shape)}")
+        if len(seeds) != masks.shape[0]:
+            raise ValueError(f"need one seed per mask: {len(seeds)} seeds for {masks.shape[0]} masks")
+        scheduler = self._make_scheduler(sampler)
+        scheduler.set_timesteps(steps)
+        gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        cond = self.conditions(masks)
+        null = self.condition.null_cond if self.condition is not None else None
+        z = torch.stack([torch.randn(self.latent_shape, generator=g, device=self.device) for g in gens])
+        for t in progress(scheduler.timesteps, desc="denoising", leave=False, disable=not show_progress):
+            tt = torch.full((z.shape[0],), int(t), device=self.device, dtype=torch.long)
+            eps = guided_epsilon(self.denoiser, z, tt, cond, null, guidance_scale=guidance)
+            z = scheduler.step(eps, t, z, generator=gens)
+        recon = self.vqgan.decode_latent(self._unscale(z))
+        return recon.clamp(0.0, 1.0)
+
+    def _make_scheduler(self, sampler: str):
+        from lad.schedulers import DDIMScheduler, DDPMScheduler
+
+        cfg = dict(self.scheduler.config)
+        if sampler == "ddpm":
+            return DDPMScheduler(**cfg)
+        if sampler == "ddim":
+            return DDIMScheduler(**cfg)
+        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+
+    def to_hu(self, volumes: torch.Tensor) -> np.ndarray:
+        """[0, 1] volumes -> HU float32 numpy (the inverse of the preprocessing's scaling)."""
+        from lad.data.labels import unit_to_hu
+
+        return unit_to_hu(volumes.detach().cpu().numpy())
