@@ -77,7 +77,13 @@ def read_image(path: str | Path) -> sitk.Image:
     if img.GetDimension() != 3:
         raise CaseError(f"{path}: expected a 3D volume, got {img.GetDimension()}D")
     if img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        arr = sitk.GetArrayViewFromImage(img)
+        if path.name.endswith((".nii", ".nii.gz")):
+            # ITK's NIfTI reader silently turns NaN into 0: look at the stored values with nibabel
+            import nibabel as nib
+
+            arr = np.asarray(nib.load(str(path)).dataobj)
+        else:
+            arr = sitk.GetArrayViewFromImage(img)
         if not np.all(np.isfinite(arr)):
             raise CaseError(f"{path}: image contains NaN or inf voxels")
     return img

@@ -1,0 +1,169 @@
+"""`lad prepare`: geometry survives every step, windows follow the organ, resume, drops, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lad.data.dataset import PreparedDataset
+from lad.data.prepare import PrepareConfig, export_window, prepare_dataset, window_starts
+from lad.utils.atomic import OutputExistsError
+
+REAL = Path("/work/shared/data/real-ct/patient-a")
+for _p in Path(__file__).resolve().parents:
+    if (_p / "shared" / "data" / "real-ct" / "patient-a").exists():
+        REAL = _p / "shared" / "data" / "real-ct" / "patient-a"
+        break
+
+CFG = PrepareConfig(spacing=(4.0, 4.0, 4.0), size=(32, 32), depth=8, stride=4)
+
+
+def _case(folder: Path, name: str, *, centre_mm=(10.0, -30.0, 60.0), organs=("liver", "kidney", "spleen", "pancreas"),
+          n_slices=30, direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1), nan=False):
+    """A 2 mm volume whose pancreas is a cube centred at ``centre_mm`` (LPS), plus other organ blocks."""
+    shape = (n_slices, 48, 48)
+    img = sitk.GetImageFromArray(np.full(shape, -100, np.int16))
+    img.SetSpacing((2.0, 2.0, 2.0))
+    img.SetDirection(direction)
+    img.SetOrigin((40.0, -80.0, 0.0))
+    lab = np.zeros(shape, np.uint8)
+    arr = np.full(shape, -100.0, np.float32)
+    arr[:, 4:44, 4:44] = 30.0  # body
+    blocks = {"liver": ((2, 28), (6, 20), (6, 20)), "kidney": ((2, 28), (30, 40), (6, 14)), "spleen": ((2, 28), (30, 40), (30, 40))}
+    for organ, (zs, ys, xs) in blocks.items():
+        if organ in organs:
+            lab[slice(*zs), slice(*ys), slice(*xs)] = {"liver": 1, "kidney": 2, "spleen": 3}[organ]
+            arr[slice(*zs), slice(*ys), slice(*xs)] = {"liver": 60, "kidney": 150, "spleen": 50}[organ]
+    if "pancreas" in organs:
+        idx = img.TransformPhysicalPointToIndex(centre_mm)  # (x, y, z)
+        x, y, z = idx
+        lab[z - 2 : z + 3, y - 2 : y + 3, x - 2 : x + 3] = 4
+        arr[z - 2 : z + 3, y - 2 : y + 3, x - 2 : x + 3] = 40.0
+    if nan:
+        arr[0, 0, 0] = np.nan
+    image = sitk.GetImageFromArray(arr)
+    image.CopyInformation(img)
+    labels = sitk.GetImageFromArray(lab)
+    labels.CopyInformation(img)
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(folder / f"{name}_0000.nii.gz"))
+    sitk.WriteImage(labels, str(folder / f"{name}.nii.gz"))
+
+
+def test_window_starts_cover_the_organ():
+    assert window_starts(10, 12, 8, 4, 40) == [7]  # short organ: one centred window
+    starts = window_starts(5, 30, 8, 4, 40)
+    assert starts[0] == 5 and starts[-1] + 8 - 1 == 30
+    assert all(b - a <= 4 for a, b in zip(starts, starts[1:]))
+    assert window_starts(0, 3, 8, 4, 8) == [0]  # clipped to the volume
+
+
+def test_geometry_survives_prepare_and_export(tmp_path):
+    centre = (10.0, -30.0, 30.0)  # LPS mm
+    _case(tmp_path / "raw", "Case_00001", centre_mm=centre)
+    s = prepare_dataset("abdomenct1k", tmp_path / "raw", tmp_path / "prep", CFG)
+    assert s["kept"] == 1 and s["windows_train"] >= 1
+    ds = PreparedDataset(tmp_path / "prep", split=None)
+    item = ds[0]
+    assert item["image"].shape == (1, 8, 32, 32) and item["image"].dtype == np.float32
+    assert item["mask"].dtype == np.uint8 and set(np.unique(item["mask"])) <= {0, 1}
+    # pancreas centre through the window's affine, in RAS mm
+    d, h, w = np.argwhere(item["mask"][0] == 1).mean(0)
+    ras = item["affine"] @ [d, h, w, 1]
+    assert np.allclose(ras[:3], [-centre[0], -centre[1], centre[2]], atol=2.5)
+    # the exported NIfTI puts it at the same place for nibabel
+    paths = export_window(tmp_path / "prep", ds.windows[0]["id"], tmp_path / "exp")
+    nii = nib.load(paths["mask"])
+    ijk = np.argwhere(np.asarray(nii.dataobj) == 1).mean(0)
+    assert np.allclose((nii.affine @ [*ijk, 1])[:3], ras[:3], atol=1e-3)
+    hu = np.asarray(nib.load(paths["image"]).dataobj)
+    assert hu.dtype == np.int16 and abs(np.median(hu[np.asarray(nii.dataobj) == 1]) - 40) < 10
+
+
+def test_split_by_patient_resume_and_drops(tmp_path):
+    raw = tmp_path / "raw"
+    for i in range(5):
+        _case(raw, f"Case_{i:05d}")
+    _case(raw, "Case_00010", organs=("liver", "kidney", "pancreas"))  # no spleen
+    _case(raw, "Case_00011", n_slices=3)  # thinner than one window
+    _case(raw, "Case_00012", nan=True)  # corrupt values
+    cfg = PrepareConfig(spacing=(4.0, 4.0, 4.0), size=(32, 32), depth=8, stride=4, require=["spleen"])
+    s = prepare_dataset("abdomenct1k", raw, tmp_path / "prep", cfg)
+    assert s["patients"] == 8 and s["kept"] == 5 and s["dropped"] == 3
+    man = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    reasons = {d["patient"]: d["reason"] for d in man["dropped"]}
+    assert "spleen missing" in reasons["Case_00010"]
+    assert "fewer than one window" in reasons["Case_00011"] or "cut short" in reasons["Case_00011"]
+    assert "NaN" in reasons["Case_00012"]
+    train = set(man["splits"]["train"])
+    test = set(man["splits"]["test"])
+    assert not train & test and train | test == {f"Case_{i:05d}" for i in range(5)}
+    assert {w["patient"] for w in man["windows"] if w["split"] == "train"} <= train
+    fp = json.loads((tmp_path / "prep" / "fingerprint.json").read_text())
+    assert 30 <= fp["hu_percentiles_per_organ"]["pancreas"]["50"] <= 50
+    # resume: a finished patient is not recomputed; a half-written temp folder is ignored
+    meta = tmp_path / "prep" / "patients" / "Case_00000" / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    (tmp_path / "prep" / "patients" / ".Case_00099.abc.tmp").mkdir()
+    s2 = prepare_dataset("abdomenct1k", raw, tmp_path / "prep", cfg)
+    assert s2["kept"] == 5 and meta.stat().st_mtime_ns == stamp
+    assert len(PreparedDataset(tmp_path / "prep", split=None)) == len(man["windows"])
+    # other settings on the same folder are refused, nothing lost
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        prepare_dataset("abdomenct1k", raw, tmp_path / "prep", PrepareConfig(spacing=(5.0, 5.0, 5.0), size=(32, 32), depth=8))
+    assert meta.exists()
+
+
+def test_real_ct_totalsegmentator(tmp_path):
+    # the example scan stops in the upper abdomen: the paper's completeness filter drops it
+    strict = PrepareConfig(spacing=(3.0, 3.0, 3.0), size=(96, 96), depth=8, stride=4, require=["liver", "kidney", "spleen", "pancreas"])
+    s = prepare_dataset("totalsegmentator", REAL, tmp_path / "strict", strict)
+    assert s["kept"] == 0
+    reason = json.loads((tmp_path / "strict" / "manifest.json").read_text())["dropped"][0]["reason"]
+    assert "liver cut short" in reason
+    cfg = PrepareConfig(spacing=(3.0, 3.0, 3.0), size=(96, 96), depth=8, stride=4, require=["kidney", "pancreas"])
+    s = prepare_dataset("totalsegmentator", REAL, tmp_path / "prep", cfg)
+    assert s["kept"] == 1
+    ds = PreparedDataset(tmp_path / "prep", split=None)
+    assert len(ds) >= 1
+    liver_hu = []
+    for i in range(len(ds)):
+        r = ds.get_arrays(i)
+        assert r["hu"].shape == (8, 96, 96)
+        assert (r["mask"] == 1).any()  # pancreas present in each window
+        liver_hu.append(r["hu"][r["organs"] == 1])
+    liver = np.concatenate(liver_hu)
+    assert liver.size > 0 and 20 < liver.mean() < 120
+
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        PreparedDataset(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        PreparedDataset(tmp_path / "nope")
+
+
+def test_cli_prepare_and_export(tmp_path):
+    _case(tmp_path / "raw", "Case_00001")
+    cmd = [sys.executable, "-m", "lad", "prepare", "--layout", "abdomenct1k", "--input", str(tmp_path / "raw"),
+           "--output", str(tmp_path / "prep"), "--preset", "tiny", "--spacing", "4", "4", "4", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "prepared 1/1 patients" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "lad", "prepare", "--layout", "abdomenct1k", "--input", str(tmp_path / "raw"),
+                          "--output", str(tmp_path / "prep"), "--preset", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown prepare preset 'nope'" in bad.stderr
+    wid = json.loads((tmp_path / "prep" / "manifest.json").read_text())["windows"][0]["id"]
+    out = subprocess.run([sys.executable, "-m", "lad", "export-window", str(tmp_path / "prep"), wid, "--out", str(tmp_path / "e")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and (tmp_path / "e" / f"{wid}_image.nii.gz").exists()
+    for verb in ("prepare", "export-window", "phantom", "sample"):
+        h = subprocess.run([sys.executable, "-m", "lad", verb, "--help"], capture_output=True, text=True)
+        assert h.returncode == 0 and "usage: lad" in h.stdout
