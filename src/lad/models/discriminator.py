@@ -1,0 +1,44 @@
+"""PatchGAN discriminators (2D on an axial slice, 3D on the volume), as Medical Diffusion's VQ-GAN."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["PatchDiscriminator"]
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix-style PatchGAN: ``num_layers`` strided conv + norm + LeakyReLU stages, then patch logits.
+
+    Kernels are 3 (not pix2pix's 4) with padding 1, so depth-8 and depth-16 volumes of the tiny and
+    demo presets never shrink to zero. ``forward`` returns every intermediate feature map (for the
+    feature-matching loss); the last element is the patch logits.
+    """
+
+    def __init__(self, *, spatial_dims: int = 3, in_channels: int = 1, channels: int = 64, num_layers: int = 3, norm: str = "batch"):
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        bn = {3: nn.BatchNorm3d, 2: nn.BatchNorm2d}[spatial_dims] if norm == "batch" else None
+        if norm not in ("batch", "none"):
+            raise ValueError(f"norm must be batch or none, got {norm!r}")
+        layers = [nn.Sequential(conv(in_channels, channels, 3, stride=2, padding=1), nn.LeakyReLU(0.2, True))]
+        ch = channels
+        for i in range(1, num_layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < num_layers else 1
+            block = [conv(ch, out, 3, stride=stride, padding=1, bias=bn is None)]
+            if bn is not None:
+                block.append(bn(out))
+            block.append(nn.LeakyReLU(0.2, True))
+            layers.append(nn.Sequential(*block))
+            ch = out
+        layers.append(nn.Sequential(conv(ch, 1, 3, stride=1, padding=1)))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for layer in self.layers:
+            x = layer(x)
+            feats.append(x)
+        return feats

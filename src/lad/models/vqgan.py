@@ -1,0 +1,143 @@
+"""VQ-GAN autoencoder following Medical Diffusion (the paper's latent space, section 3.2).
+
+Encoder: conv -> [strided conv + residual blocks] per stage -> pre-quantisation conv to
+``embedding_dim`` channels; EMA codebook; decoder mirrors the encoder with nearest-neighbour
+upsampling + conv (no transposed convolutions, which leave checkerboard "dot" artefacts that users
+of the release report). Group norm, SiLU, replicate padding as the release.
+
+Shapes: ``x`` (B, in_channels, D, H, W) float32 in [0, 1] -> ``z_e`` (B, embedding_dim, D/fd, H/fh, W/fw)
+for ``downsample=(fd, fh, fw)`` (powers of two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from lad.models.base import PretrainedMixin, register_to_config
+from lad.models.quantizer import EMAQuantizer, QuantizerOutput
+
+__all__ = ["VQGAN", "VQGANOutput"]
+
+
+def _conv(spatial_dims: int, cin: int, cout: int, k: int = 3, stride=1, padding_mode: str = "replicate") -> nn.Module:
+    conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+    return conv(cin, cout, k, stride=stride, padding=k // 2, padding_mode=padding_mode if k > 1 else "zeros")
+
+
+def _norm(ch: int, groups: int) -> nn.GroupNorm:
+    g = math.gcd(ch, groups)
+    return nn.GroupNorm(g, ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv -> GroupNorm -> SiLU -> conv, plus identity."""
+
+    def __init__(self, spatial_dims: int, ch: int, groups: int, padding_mode: str):
+        super().__init__()
+        self.block = nn.Sequential(
+            _norm(ch, groups), nn.SiLU(), _conv(spatial_dims, ch, ch, 3, 1, padding_mode),
+            _norm(ch, groups), nn.SiLU(), _conv(spatial_dims, ch, ch, 3, 1, padding_mode),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+@dataclasses.dataclass
+class VQGANOutput:
+    """``recon`` (B, C, D, H, W); ``z_e`` pre-quantisation latent; ``z_q`` quantised (straight-through)."""
+
+    recon: torch.Tensor
+    z_e: torch.Tensor
+    z_q: torch.Tensor
+    commitment_loss: torch.Tensor
+    perplexity: torch.Tensor
+    usage: torch.Tensor
+    indices: torch.Tensor
+
+
+class VQGAN(PretrainedMixin, nn.Module):
+    """Vector-quantised autoencoder with an EMA codebook (Medical Diffusion's VQ-GAN)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        *,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        channels: tuple[int, ...] = (16, 32, 64),
+        num_res_blocks: int = 1,
+        downsample: tuple[int, ...] = (4, 4, 4),
+        embedding_dim: int = 8,
+        num_embeddings: int = 16384,
+        commitment_cost: float = 0.25,
+        decay: float = 0.99,
+        norm_num_groups: int = 16,
+        padding_mode: str = "replicate",
+        dead_code_threshold: float = 1e-3,
+        restart_dead_codes: bool = True,
+    ):
+        super().__init__()
+        if len(downsample) != spatial_dims:
+            raise ValueError(f"downsample needs {spatial_dims} factors, got {downsample}")
+        if any(f < 1 or f & (f - 1) for f in downsample):
+            raise ValueError(f"downsample factors must be powers of two, got {downsample}")
+        n_stages = int(math.log2(max(downsample)))
+        if len(channels) != n_stages + 1:
+            raise ValueError(f"channels needs {n_stages + 1} entries for downsample {downsample}, got {channels}")
+        self.downsample = tuple(downsample)
+        strides = [tuple(2 if (f >> i) > 1 else 1 for f in downsample) for i in range(n_stages)]
+        sd, g, pm = spatial_dims, norm_num_groups, padding_mode
+
+        enc: list[nn.Module] = [_conv(sd, in_channels, channels[0], 3, 1, pm)]
+        for i, s in enumerate(strides):
+            enc.append(_conv(sd, channels[i], channels[i + 1], 3, s, pm))
+            enc += [ResBlock(sd, channels[i + 1], g, pm) for _ in range(num_res_blocks)]
+        enc += [_norm(channels[-1], g), nn.SiLU(), _conv(sd, channels[-1], embedding_dim, 1)]
+        self.encoder = nn.Sequential(*enc)
+
+        self.quantizer = EMAQuantizer(num_embeddings=num_embeddings, embedding_dim=embedding_dim, decay=decay,
+                                      commitment_cost=commitment_cost, dead_code_threshold=dead_code_threshold,
+                                      restart_dead_codes=restart_dead_codes)
+
+        dec: list[nn.Module] = [_conv(sd, embedding_dim, channels[-1], 1)]
+        dec += [ResBlock(sd, channels[-1], g, pm) for _ in range(num_res_blocks)]
+        for i in reversed(range(n_stages)):
+            dec.append(nn.Upsample(scale_factor=strides[i], mode="nearest"))
+            dec.append(_conv(sd, channels[i + 1], channels[i], 3, 1, pm))
+            dec += [ResBlock(sd, channels[i], g, pm) for _ in range(num_res_blocks)]
+        dec += [_norm(channels[0], g), nn.SiLU(), _conv(sd, channels[0], out_channels, 3, 1, pm)]
+        self.decoder = nn.Sequential(*dec)
+
+    def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``(embedding_dim, d, h, w)`` of the latent of an image of spatial ``image_shape``."""
+        bad = [s for s, f in zip(image_shape, self.downsample) if s % f]
+        if bad:
+            raise ValueError(f"image shape {tuple(image_shape)} is not divisible by the compression {self.downsample}")
+        return (self.config["embedding_dim"], *(s // f for s, f in zip(image_shape, self.downsample)))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C, D, H, W) in [0, 1] -> pre-quantisation latent ``z_e``."""
+        return self.encoder(x)
+
+    def quantize(self, z_e: torch.Tensor) -> QuantizerOutput:
+        return self.quantizer(z_e)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode a (quantised or continuous) latent to an image."""
+        return self.decoder(z)
+
+    def decode_latent(self, z_e: torch.Tensor) -> torch.Tensor:
+        """Quantise then decode, as in training (used to decode diffusion samples)."""
+        return self.decoder(self.quantizer(z_e).z_q)
+
+    def forward(self, x: torch.Tensor) -> VQGANOutput:
+        z_e = self.encode(x)
+        q = self.quantize(z_e)
+        return VQGANOutput(recon=self.decode(q.z_q), z_e=z_e, z_q=q.z_q, commitment_loss=q.commitment_loss,
+                           perplexity=q.perplexity, usage=q.usage, indices=q.indices)

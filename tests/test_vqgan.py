@@ -1,0 +1,111 @@
+"""VQ-GAN, EMA codebook and discriminators: shapes, oracle nearest codes, EMA arithmetic, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lad.models.discriminator import PatchDiscriminator
+from lad.models.quantizer import EMAQuantizer, nearest_codes
+from lad.models.vqgan import VQGAN
+
+TINY = dict(channels=(8, 16, 16), num_embeddings=64, norm_num_groups=8)
+
+
+@pytest.mark.parametrize("spatial_dims,shape,down", [(3, (8, 32, 32), (4, 4, 4)), (3, (8, 32, 32), (2, 4, 4)), (2, (32, 32), (4, 4))])
+def test_shapes(spatial_dims, shape, down):
+    torch.manual_seed(0)
+    m = VQGAN(spatial_dims=spatial_dims, downsample=down, **TINY)
+    x = torch.rand(2, 1, *shape)
+    out = m(x)
+    assert out.recon.shape == x.shape
+    assert out.z_e.shape == (2, 8, *(s // f for s, f in zip(shape, down)))
+    assert out.indices.shape == (2, *(s // f for s, f in zip(shape, down)))
+    assert m.latent_shape(shape) == (8, *(s // f for s, f in zip(shape, down)))
+    with pytest.raises(ValueError, match="not divisible"):
+        m.latent_shape(tuple(s + 1 for s in shape))
+
+
+def test_nearest_codes_equals_brute_force_and_chunking(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    flat, book = torch.randn(500, 8, generator=g), torch.randn(37, 8, generator=g)
+    oracle = torch.cdist(flat, book).argmin(1)
+    assert torch.equal(nearest_codes(flat, book), oracle)
+    import lad.models.quantizer as q
+
+    monkeypatch.setattr(q, "_MAX_DISTANCES", 37 * 7)  # 7 rows per chunk
+    assert torch.equal(nearest_codes(flat, book), oracle)
+
+
+def test_ema_update_matches_hand_computation():
+    q = EMAQuantizer(num_embeddings=2, embedding_dim=1, decay=0.5, epsilon=0.0, restart_dead_codes=False)
+    q.embedding.copy_(torch.tensor([[0.0], [10.0]]))
+    q.embed_sum.copy_(torch.tensor([[0.0], [10.0]]))
+    q.cluster_size.fill_(1.0)
+    q.initialized.fill_(True)
+    z = torch.tensor([1.0, 2.0, 9.0]).view(1, 1, 3)  # (B=1, C=1, S=3): two vectors to code 0, one to code 1
+    out = q(z)
+    assert out.indices.tolist() == [[0, 0, 1]]
+    # cluster_size = 0.5*1 + 0.5*[2, 1] = [1.5, 1.0]; embed_sum = 0.5*[0, 10] + 0.5*[3, 9] = [1.5, 9.5]
+    assert torch.allclose(q.cluster_size, torch.tensor([1.5, 1.0]))
+    assert torch.allclose(q.embedding.view(-1), torch.tensor([1.0, 9.5]))
+    # commitment = 0.25 * mean((z - z_q)^2) with z_q the codes before the update
+    assert out.commitment_loss.item() == pytest.approx(0.25 * (1 + 4 + 1) / 3)
+    assert out.perplexity.item() == pytest.approx(torch.exp(-(torch.tensor([2 / 3, 1 / 3]) * torch.log(torch.tensor([2 / 3, 1 / 3]))).sum()).item())
+
+
+def test_data_init_restart_and_uniform_perplexity():
+    torch.manual_seed(0)
+    q = EMAQuantizer(num_embeddings=4, embedding_dim=2, dead_code_threshold=0.5, decay=1.0)  # codes do not move
+    z = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]).t().reshape(1, 2, 4)
+    q(z)  # data init: every code is one of the inputs
+    rows = {tuple(r) for r in z.reshape(2, 4).t().tolist()}
+    assert all(tuple(c) in rows for c in q.embedding.tolist())
+    q.eval()
+    q.embedding.copy_(z.reshape(2, 4).t())
+    out = q(z)
+    assert out.perplexity.item() == pytest.approx(4.0, rel=1e-4) and out.usage.item() == 1.0
+    # dead-code restart replaces only the codes whose EMA usage fell below the threshold
+    q.train()
+    q.cluster_size.copy_(torch.tensor([5.0, 5.0, 5.0, 0.0]))
+    far = torch.tensor([[100.0, 100.0]]).t().reshape(1, 2, 1)
+    before = q.embedding.clone()
+    q.cluster_size[:3] = 50.0
+    q(far)
+    changed = (q.embedding != before).any(1)
+    assert changed[3] and torch.allclose(q.embedding[3], torch.tensor([100.0, 100.0]))
+
+
+def test_save_load_reproduces_outputs(tmp_path):
+    torch.manual_seed(0)
+    m = VQGAN(**TINY)
+    m.train()
+    m(torch.rand(2, 1, 8, 32, 32))  # data-init the codebook
+    m.eval()
+    m.save_pretrained(tmp_path / "vq")
+    m2 = VQGAN.from_pretrained(tmp_path / "vq").eval()
+    x = torch.rand(1, 1, 8, 32, 32)
+    assert torch.equal(m(x).recon, m2(x).recon)
+
+
+def test_training_steps_reduce_reconstruction_loss():
+    torch.manual_seed(0)
+    m = VQGAN(**TINY)
+    x = torch.rand(2, 1, 8, 32, 32)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = m(x)
+        loss = (out.recon - x).abs().mean() + out.commitment_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (32, 32)), (3, (8, 32, 32)), (3, (16, 64, 64))])
+def test_discriminator_features(spatial_dims, shape):
+    d = PatchDiscriminator(spatial_dims=spatial_dims, channels=8, num_layers=3)
+    feats = d(torch.rand(2, 1, *shape))
+    assert len(feats) == 5 and feats[-1].shape[:2] == (2, 1) and all(s >= 1 for s in feats[-1].shape[2:])
