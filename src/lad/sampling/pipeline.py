@@ -61,8 +61,9 @@ def load_run_parts(run: str | Path, *, device: str | torch.device = "cpu", ema: 
         "condition": None,
         "checkpoint_hash": _file_hash(den_dir / "model.safetensors"),
     }
-    if (run / "condition").is_dir():
-        parts["condition"] = ConditionExtractor.from_pretrained(run / "condition", map_location=device).to(device).eval()
+    cond_dir = run / ("condition" if den_dir.name == "denoiser_ema" else "condition_raw")
+    if cond_dir.is_dir():  # the EMA extractor goes with the EMA denoiser, the raw one with the raw
+        parts["condition"] = ConditionExtractor.from_pretrained(cond_dir, map_location=device).to(device).eval()
     return parts
 
 

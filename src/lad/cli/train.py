@@ -1,0 +1,59 @@
+"""``lad train vqgan`` and ``lad train diffusion``: the two training stages, one run folder."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="prepared dataset folder (lad prepare)")
+    p.add_argument("--run", required=True, help="run folder holding both parts")
+    p.add_argument("--preset", default="demo", help="paper-abdomenct1k | paper-totalsegmentator | demo | tiny | a YAML file")
+    p.add_argument("--variant", choices=["V0", "V1", "V2", "V3", "full"], help="Table 2 ablation (default: the preset's, full)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set vqgan_train.steps=500 (repeatable; unknown keys are rejected)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this part")
+    p.add_argument("--overwrite", action="store_true", help="retrain this part from scratch, deleting its outputs")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the VQ-GAN, then the conditional latent diffusion model",
+                       description="Two stages into one run folder: `lad train vqgan` then `lad train diffusion`.")
+    parts = p.add_subparsers(dest="part", metavar="PART")
+    v = parts.add_parser("vqgan", help="VQ-GAN with the Locality Loss",
+                         description="Train the VQ-GAN (paper 3.2): L1, commitment, optional perceptual loss, 2D+3D PatchGAN "
+                         "with feature matching, and the Locality Loss (lambda = vqgan_train.locality_weight).")
+    _common(v)
+    v.add_argument("--perceptual-weights", help="local VGG16 weights (torchvision layout) for the perceptual term; without it the term is off")
+    v.set_defaults(func=run_vqgan)
+    d = parts.add_parser("diffusion", help="conditional latent DDPM with classifier-free guidance",
+                         description="Train the denoiser and the Condition Extractor on cached latents of the run's VQ-GAN.")
+    _common(d)
+    d.set_defaults(func=run_diffusion)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _config(args):
+    from lad.training.config import resolve_train_config
+
+    return resolve_train_config(args.preset, args.overrides, variant=args.variant, seed=args.seed)
+
+
+def run_vqgan(args: argparse.Namespace) -> int:
+    from lad.training.vqgan_trainer import train_vqgan
+
+    out = train_vqgan(args.data, args.run, _config(args), resume=args.resume, overwrite=args.overwrite,
+                      device=args.device, perceptual_weights=args.perceptual_weights)
+    print(f"VQ-GAN: {out}")
+    return 0
+
+
+def run_diffusion(args: argparse.Namespace) -> int:
+    from lad.training.diffusion_trainer import train_diffusion
+
+    out = train_diffusion(args.data, args.run, _config(args), resume=args.resume, overwrite=args.overwrite, device=args.device)
+    print(f"diffusion model: {out}")
+    return 0

@@ -1,0 +1,181 @@
+"""``lad train diffusion``: the conditional latent DDPM with classifier-free guidance (paper 3.3-3.4).
+
+Trains the denoiser and the Condition Extractor's trainable layers jointly on cached latents of the
+frozen VQ-GAN; the condition is replaced by the learned null condition with probability p_uncond.
+An exponential moving average of both (``torch.optim.swa_utils.AveragedModel`` with an EMA
+average) is what ``lad sample`` uses: ``RUN/denoiser_ema`` + ``RUN/condition``; the raw weights are
+kept in ``RUN/denoiser`` + ``RUN/condition_raw``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from lad.config import save_config
+from lad.training.common import (CheckpointManager, Logger, NonFiniteGuard, autocast, batch_indices, check_run_part,
+                                 resolve_device, seed_step, slice_grid, step_generator)
+from lad.training.config import TrainConfig
+from lad.utils.atomic import write_json
+from lad.utils.log import get_logger, is_main_process, progress
+
+__all__ = ["train_diffusion", "build_diffusion_models"]
+
+log = get_logger(__name__)
+
+
+def build_diffusion_models(cfg: TrainConfig, latent_shape: tuple[int, ...], num_slices: int) -> nn.ModuleDict:
+    """``{"denoiser": LatentDenoiser, "condition": ConditionExtractor (conditional variants only)}``."""
+    from lad.models.condition import ConditionExtractor
+    from lad.models.denoiser import LatentDenoiser
+
+    parts = nn.ModuleDict()
+    cond_dim = 0
+    if cfg.conditional:
+        c = cfg.condition
+        parts["condition"] = ConditionExtractor(latent_channels=latent_shape[0], latent_shape=tuple(latent_shape[1:]),
+                                                num_slices=num_slices, use_content=c.use_content, use_structure=c.use_structure,
+                                                structure_dim=c.structure_dim)
+        cond_dim = parts["condition"].cond_dim
+    d = cfg.denoiser
+    parts["denoiser"] = LatentDenoiser(spatial_dims=3, in_channels=latent_shape[0], out_channels=latent_shape[0],
+                                       channels=tuple(d.channels), attention_levels=tuple(d.attention_levels),
+                                       num_res_blocks=d.num_res_blocks, num_head_channels=d.num_head_channels,
+                                       norm_num_groups=d.norm_num_groups, cond_dim=cond_dim, conditioning=d.conditioning)
+    return parts
+
+
+def _conditions(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Condition vectors of a cached batch; Betti counts enter as log1p (``lad.topology.normalize_betti``)."""
+    if "condition" not in net:
+        return None
+    betti = batch.get("betti")
+    betti = torch.log1p(betti.float()) if betti is not None else None
+    return net["condition"](batch.get("mask_z"), betti)
+
+
+def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                    device: str = "cpu", stop_after: int | None = None) -> Path:
+    """Train (or resume) the conditional latent diffusion model of ``run``; returns ``RUN/denoiser_ema``."""
+    from lad.data.dataset import PreparedDataset
+    from lad.models.guidance import diffusion_loss, drop_condition
+    from lad.models.vqgan import VQGAN
+    from lad.schedulers import DDPMScheduler
+    from lad.training.latents import build_latent_cache, latent_stats
+
+    run = Path(run)
+    dev = resolve_device(device)
+    if not (run / "vqgan" / "model.safetensors").exists():
+        raise FileNotFoundError(f"{run}: no trained VQ-GAN; run `lad train vqgan --run {run}` first")
+    vqgan = VQGAN.from_pretrained(run / "vqgan", map_location=dev).to(dev).eval().requires_grad_(False)
+    ds = PreparedDataset(data, split="train")
+    if len(ds) == 0:
+        raise ValueError(f"{data}: the training split has no windows")
+    latent_shape = vqgan.latent_shape(ds.shape)
+    if latent_shape[0] != vqgan.config["embedding_dim"] or tuple(vqgan.config["channels"]) != tuple(cfg.vqgan.channels) \
+            or vqgan.config["embedding_dim"] != cfg.vqgan.embedding_dim or tuple(vqgan.config["downsample"]) != tuple(cfg.vqgan.downsample):
+        raise ValueError(
+            f"{run / 'vqgan'}: VQ-GAN (embedding_dim {vqgan.config['embedding_dim']}, downsample {vqgan.config['downsample']}, "
+            f"channels {vqgan.config['channels']}) does not match the diffusion config (embedding_dim {cfg.vqgan.embedding_dim}, "
+            f"downsample {list(cfg.vqgan.downsample)}, channels {list(cfg.vqgan.channels)}); train the VQ-GAN with the same config"
+        )
+    check_run_part(run, ["denoiser", "denoiser_ema", "condition", "condition_raw", "scheduler", "checkpoints/diffusion"],
+                   resume=resume, overwrite=overwrite)
+    if is_main_process():
+        save_config(cfg, run / "config.yaml")
+    c = cfg.condition
+    cache = build_latent_cache(run, ds, vqgan, content=cfg.conditional and c.use_content,
+                               structure=cfg.conditional and c.use_structure, device=dev)
+    stats = latent_stats(cache["z"])
+    stats.update(latent_shape=list(latent_shape), image_shape=list(ds.shape), spacing=list(ds.config["spacing"]),
+                 organ=ds.config.get("organ", "pancreas"), fingerprint=ds.fingerprint)
+    shift = torch.tensor(stats["shift"], device=dev).view(1, -1, 1, 1, 1)
+    scale = torch.tensor(stats["scale"], device=dev).view(1, -1, 1, 1, 1)
+
+    t = cfg.diffusion_train
+    torch.manual_seed(cfg.seed)
+    net = build_diffusion_models(cfg, latent_shape, ds.shape[0]).to(dev)
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    scheduler = DDPMScheduler(num_train_timesteps=t.timesteps, schedule=t.schedule)
+    opt = torch.optim.Adam(net.parameters(), lr=t.lr)
+    ckpt = CheckpointManager(run / "checkpoints" / "diffusion", cfg.logging.keep_last)
+    start = 0
+    if resume:
+        state = ckpt.load_latest({"net": net, "ema": ema}, {"opt": opt}, dev)
+        start = state["step"] if state else 0
+    logger = Logger(run / "tensorboard" / "diffusion")
+    guard = NonFiniteGuard(cfg.logging.max_nonfinite_steps)
+    net.train()
+    end = t.steps if stop_after is None else min(t.steps, start + stop_after)
+    bar = progress(range(start, end), total=end - start, desc="diffusion", unit="step")
+    t_last, n_last = time.perf_counter(), start
+    for step in bar:
+        seed_step(cfg.seed, step, "diffusion")
+        gen = step_generator(cfg.seed, step, "diffusion")
+        idx = torch.from_numpy(batch_indices(step, t.batch_size, len(ds), cfg.seed))
+        batch = {k: v[idx].to(dev) for k, v in cache.items()}
+        z0 = (batch["z"] - shift) / scale
+        with autocast(dev, cfg.precision):
+            cond = _conditions(net, batch)
+            if cond is not None:
+                cond = drop_condition(cond, net["condition"].null_cond, t.p_uncond, gen)
+            loss, logs = diffusion_loss(net["denoiser"], scheduler, z0, cond, generator=gen, loss=t.loss)
+        if guard.ok(loss, step):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
+            opt.step()
+            ema.update_parameters(net)
+            logger.accumulate(logs)
+        done = step + 1
+        if done % cfg.logging.log_every == 0 or done == end:
+            now = time.perf_counter()
+            rate = (done - n_last) / max(now - t_last, 1e-9)
+            means = logger.flush(done, "diffusion", {"lr": opt.param_groups[0]["lr"], "steps_per_s": rate,
+                                                     "samples_per_s": rate * t.batch_size, "step_time_s": 1 / max(rate, 1e-9),
+                                                     "skipped_steps": guard.skipped})
+            t_last, n_last = now, done
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{means.get('diffusion', float('nan')):.4f}")
+        if cfg.logging.image_every and done % cfg.logging.image_every == 0 and is_main_process():
+            logger.image("diffusion/samples", _preview(ema.module, vqgan, batch, shift, scale, scheduler, gen, dev), done)
+        if done % cfg.logging.checkpoint_every == 0 or done == t.steps:
+            if is_main_process():
+                ckpt.save(done, {"net": net, "ema": ema}, {"opt": opt})
+    logger.close()
+    if end == t.steps and is_main_process():
+        extra = {"trained_steps": t.steps, "variant": cfg.variant}
+        net.eval()
+        net["denoiser"].save_pretrained(run / "denoiser", extra=extra)
+        ema.module["denoiser"].save_pretrained(run / "denoiser_ema", extra=extra)
+        if "condition" in net:
+            net["condition"].save_pretrained(run / "condition_raw", extra=extra)
+            ema.module["condition"].save_pretrained(run / "condition", extra=extra)
+        scheduler.save_pretrained(run / "scheduler")
+        write_json(run / "latent_stats.json", stats)
+        log.info("diffusion model saved to %s", run)
+    return run / "denoiser_ema"
+
+
+@torch.no_grad()
+def _preview(net, vqgan, batch, shift, scale, scheduler, gen, dev, steps: int = 10):
+    """Two conditional samples (10 DDIM steps) decoded next to nothing else: a cheap progress picture."""
+    from lad.models.guidance import guided_epsilon
+    from lad.schedulers import DDIMScheduler
+
+    n = min(2, batch["z"].shape[0])
+    sub = {k: v[:n] for k, v in batch.items()}
+    cond = _conditions(net, sub)
+    null = net["condition"].null_cond if "condition" in net else None
+    ddim = DDIMScheduler(**scheduler.config)
+    ddim.set_timesteps(steps)
+    z = torch.randn(sub["z"].shape, generator=gen).to(dev)
+    for tt in ddim.timesteps:
+        eps = guided_epsilon(net["denoiser"], z, torch.full((n,), int(tt), device=dev, dtype=torch.long), cond, null, 1.0)
+        z = ddim.step(eps, tt, z)
+    x = vqgan.decode_latent(z * scale + shift)
+    return slice_grid([x[i] for i in range(n)])
