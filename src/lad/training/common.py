@@ -149,7 +149,7 @@ class NonFiniteGuard:
             return True
         self.in_a_row += 1
         self.skipped += 1
-        log.warning("step %d: non-finite loss (%s); step skipped", step, float(loss))
+        log.warning("step %d: non-finite loss (%s); step skipped", step, float(loss.detach()))
         if self.in_a_row >= self.limit:
             raise RuntimeError(
                 f"training stopped: {self.in_a_row} consecutive non-finite losses at step {step}; no checkpoint was "
