@@ -20,6 +20,16 @@ class OutputExistsError(FileExistsError):
     """Raised when an output exists and the user did not ask to overwrite or resume it."""
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _publish(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries: give them the usual umask-based mode."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode & ~_UMASK)
+
+
 def _tmp_name(final: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
@@ -41,6 +51,7 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         tmp = tmp.with_name(tmp.name + suffix)
     try:
         yield tmp
+        _publish(tmp, 0o666)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -55,6 +66,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        _publish(tmp, 0o777)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

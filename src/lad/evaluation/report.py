@@ -1,0 +1,169 @@
+"""Figures (MDS embedding with ellipses, slices with zoomed organ, HU histograms) and report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lad.utils.atomic import write_text
+
+__all__ = ["write_report", "classical_mds"]
+
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+
+
+def classical_mds(x: np.ndarray, dims: int = 2) -> np.ndarray:
+    """Classical (Torgerson) MDS of points ``x`` (N, F) into ``dims`` dimensions."""
+    d2 = np.clip((x * x).sum(1)[:, None] - 2 * x @ x.T + (x * x).sum(1)[None], 0, None)
+    n = len(x)
+    j = np.eye(n) - 1.0 / n
+    b = -0.5 * j @ d2 @ j
+    w, v = np.linalg.eigh(b)
+    order = np.argsort(w)[::-1][:dims]
+    return v[:, order] * np.sqrt(np.clip(w[order], 0, None))
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _mds_figure(embeds: dict[str, np.ndarray]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Ellipse
+
+    names = list(embeds)
+    allf = np.concatenate([embeds[n] for n in names]).astype(np.float64)
+    allf = (allf - allf.mean(0)) / (allf.std(0) + 1e-8)
+    y = classical_mds(allf)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    s = 0
+    for i, n in enumerate(names):
+        pts = y[s : s + len(embeds[n])]
+        s += len(embeds[n])
+        c = _COLORS[i % len(_COLORS)]
+        ax.scatter(pts[:, 0], pts[:, 1], s=14, color=c, label=f"{n} (N={len(pts)})", alpha=0.75)
+        if len(pts) > 2:
+            cov = np.cov(pts.T)
+            w, v = np.linalg.eigh(cov)
+            ang = np.degrees(np.arctan2(v[1, -1], v[0, -1]))
+            ax.add_patch(Ellipse(pts.mean(0), 4 * np.sqrt(max(w[-1], 0)), 4 * np.sqrt(max(w[0], 0)), angle=ang,
+                                 fill=False, color=c, lw=1.5))
+    ax.set_title("MDS of 3D features (2-sigma ellipses)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _slices_figure(sets: dict[str, tuple[list, list]], box, n: int = 3) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lad.data.labels import unit_to_hu
+
+    rows = [(name, v, m) for name, (vols, masks) in sets.items() for v, m in list(zip(vols, masks))[:n]]
+    depth = rows[0][1].shape[1]
+    zs = sorted({min(depth - 1, round(depth * f)) for f in (0.25, 0.5, 0.75)})
+    fig, axes = plt.subplots(len(rows), len(zs) + 1, figsize=(2.4 * (len(zs) + 1), 2.4 * len(rows)), squeeze=False)
+    for r, (name, v, m) in enumerate(rows):
+        hu = unit_to_hu(v[0])
+        for c, z in enumerate(zs):
+            ax = axes[r][c]
+            ax.imshow(hu[z], cmap="gray", vmin=-160, vmax=240)
+            if (m[z] > 0).any():
+                ax.contour(m[z] > 0, levels=[0.5], colors="#00e5ff", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+            if r == 0:
+                ax.set_title(f"slice {z}", fontsize=8)
+        zc = (box[0].start + box[0].stop) // 2
+        ax = axes[r][-1]
+        ax.imshow(hu[zc, box[1], box[2]], cmap="gray", vmin=-160, vmax=240)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if r == 0:
+            ax.set_title("organ region (zoom)", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _hist_figure(results: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = np.asarray(results["settings"]["hu_bins"])
+    centres = (bins[:-1] + bins[1:]) / 2
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(centres, results["real"]["hu_hist"]["organ"], color="black", lw=2, label="real")
+    for i, (name, e) in enumerate(results["sets"].items()):
+        ax.plot(centres, e["hu_hist"]["organ"], color=_COLORS[(i + 1) % len(_COLORS)], label=name)
+    ax.set_xlabel("HU inside the conditioned organ")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    ax.set_title("Intensity realism: organ HU histogram")
+    return _png(fig)
+
+
+def _table(results: dict[str, Any]) -> str:
+    cols = [("FID", "fid"), ("MMD", "mmd"), ("FID loc.", "fid_localized"), ("MMD loc.", "mmd_localized"),
+            ("MS-SSIM", "ms_ssim")]
+    head = "".join(f"<th>{c}</th>" for c, _ in cols)
+    extra_head = "<th>precision</th><th>recall</th><th>coverage</th><th>memorised</th><th>fidelity Dice</th><th>N</th>"
+    rows = []
+    for name, e in results["sets"].items():
+        cells = "".join(f"<td>{e[k]:.4g}</td>" for _, k in cols)
+        fd = e.get("fidelity_dice")
+        fd_txt = ", ".join(f"{k} {v:.3f}" for k, v in fd.items()) if fd else "n/a (no --segmenter)"
+        cells += (f"<td>{e['prdc']['precision']:.3f}</td><td>{e['prdc']['recall']:.3f}</td><td>{e['prdc']['coverage']:.3f}</td>"
+                  f"<td>{e['memorisation']['n_flagged']}/{e['n']}</td><td>{html.escape(fd_txt)}</td><td>{e['n']}</td>")
+        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+    real = results["real"]
+    rows.append(f"<tr><th>real (held-out)</th><td colspan=4></td><td>{real['ms_ssim']:.4g}</td><td colspan=5></td><td>{real['n']}</td></tr>")
+    return f"<table><tr><th></th>{head}{extra_head}</tr>{''.join(rows)}</table>"
+
+
+def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarray], sets: dict, real: tuple, box,
+                 title: str = "lad evaluation", preface: str = "") -> Path:
+    """Write ``out/report.html`` (self-contained: images embedded)."""
+    s = results["settings"]
+    warn = "" if s["pretrained_features"] else (
+        "<p class=warn>Features come from a <b>random-initialised</b> 3D ResNet (no MedicalNet weights given): "
+        "FID/MMD/PRDC values are comparable only with numbers from the same extractor, not with the paper's.</p>")
+    figs = {"MDS embedding (Figure 4 style)": _mds_figure(embeds),
+            "Slices 25/50/75% and the organ region (Figure 5 style)": _slices_figure({**sets, "real": (real[0], real[1])}, box),
+            "Intensity realism": _hist_figure(results)}
+    fig_html = "".join(f"<h3>{html.escape(k)}</h3><img src='data:image/png;base64,{v}'>" for k, v in figs.items())
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}.warn{{background:#fff3cd;padding:8px}}
+img{{max-width:100%}}code{{background:#f4f4f4}}</style></head><body>
+<h1>{html.escape(title)}</h1>{preface}{warn}
+<h2>Metrics</h2>{_table(results)}
+<p>FID (eigenvalue formulation) and MMD (Gaussian kernel, median bandwidth, unbiased) on features of
+<code>{html.escape(s['features'])}</code>; localized = crop to the maximum organ bounding box of the original
+masks, box (D, H, W) = <code>{s['localized_box']}</code>, applied to real and synthetic volumes alike.
+MS-SSIM over up to {s['n_pairs']} random pairs (seed {s['seed']}), kernel {s['ms_ssim']['kernel_size']},
+{s['ms_ssim']['scales']} scales; lower = more diverse. Memorised = synthetic volumes closer to a training volume
+than any held-out real volume is. Real held-out N = {results['real']['n']}, training N = {results['real']['n_train']}.</p>
+<h2>Figures</h2>{fig_html}
+<h2>Versions</h2><pre>{html.escape(str(results['versions']))}</pre>
+</body></html>"""
+    write_text(out / "report.html", doc)
+    return out / "report.html"
