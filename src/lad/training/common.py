@@ -162,8 +162,9 @@ class NonFiniteGuard:
 class Logger:
     """TensorBoard writer on the main process only; scalars are reduced on the host every ``log_every`` steps."""
 
-    def __init__(self, logdir: Path, enabled: bool = True):
+    def __init__(self, logdir: Path, enabled: bool = True, jsonl: Path | None = None):
         self.writer = None
+        self.jsonl = jsonl if is_main_process() else None
         if enabled and is_main_process():
             from torch.utils.tensorboard import SummaryWriter
 
@@ -182,6 +183,10 @@ class Logger:
         if self.writer is not None:
             for k, v in means.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        if self.jsonl is not None:  # the same scalars as JSON lines, for reports and scripts
+            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, **means}) + "\n")
         return means
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:

@@ -107,7 +107,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     if resume:
         state = ckpt.load_latest({"net": net, "ema": ema}, {"opt": opt}, dev)
         start = state["step"] if state else 0
-    logger = Logger(run / "tensorboard" / "diffusion")
+    logger = Logger(run / "tensorboard" / "diffusion", jsonl=run / "logs" / "diffusion.jsonl")
     guard = NonFiniteGuard(cfg.logging.max_nonfinite_steps)
     net.train()
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)

@@ -70,7 +70,7 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     if resume:
         state = ckpt.load_latest({"vqgan": model, "loss": crit}, {"opt_g": opt_g, "opt_d": opt_d}, dev)
         start = state["step"] if state else 0
-    logger = Logger(run / "tensorboard" / "vqgan")
+    logger = Logger(run / "tensorboard" / "vqgan", jsonl=run / "logs" / "vqgan.jsonl")
     guard = NonFiniteGuard(cfg.logging.max_nonfinite_steps)
     model.train()
     crit.train()
