@@ -66,6 +66,10 @@ class PreparedDataset(torch.utils.data.Dataset):
                 arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r") for k in ("image", "mask", "organs")}
             except (FileNotFoundError, ValueError) as e:
                 raise ValueError(f"{folder}: missing or corrupt window arrays ({e})") from None
+            for k, a in arrays.items():
+                if a.ndim != 4 or tuple(a.shape[1:]) != self.shape:
+                    raise ValueError(f"{folder / (k + '.npy')}: windows of shape {tuple(a.shape[1:])}, but the dataset's "
+                                     f"windows are {self.shape}: mixed shapes (prepare it again with one preset)")
             self._arrays[pid] = arrays
         return arrays
 
