@@ -7,7 +7,8 @@ Stages (each resumable; ``--from STAGE`` re-runs that stage and everything after
 3. ``train``     Lad (variant full: Locality Loss + content + structure conditions): VQ-GAN, then diffusion
 4. ``sample``    synthetic volumes from augmented masks, DDIM, guidance w = 1
 5. ``baseline``  V0 (Medical Diffusion: no Locality Loss, no condition) on the same budget, and its samples
-6. ``evaluate``  both against the held-out phantom windows; ``DIR/report.html``
+6. ``segmenter`` an organ segmenter on the real training windows, for the conditioning-fidelity Dice
+7. ``evaluate``  both against the held-out phantom windows; ``DIR/report.html``
 
 The numbers are illustrative (tiny models, phantom data); the same commands with the paper presets
 are the real thing.
@@ -27,12 +28,14 @@ __all__ = ["run_demo", "STAGES"]
 
 log = get_logger(__name__)
 
-STAGES = ("phantom", "prepare", "train", "sample", "baseline", "evaluate")
+STAGES = ("phantom", "prepare", "train", "sample", "baseline", "segmenter", "evaluate")
 
 _PRESETS = {
     # preset: (phantom subjects, phantom spacing, phantom size, prepare preset, train preset, samples, sampler steps, MS-SSIM pairs)
-    "demo": dict(n=30, spacing=(3.0, 3.0, 2.5), size=(128, 128), prepare="demo", train="demo", samples=16, steps=50, pairs=100),
-    "tiny": dict(n=6, spacing=(6.0, 6.0, 5.0), size=(64, 64), prepare="tiny", train="tiny", samples=4, steps=5, pairs=6),
+    "demo": dict(n=30, spacing=(3.0, 3.0, 2.5), size=(128, 128), prepare="demo", train="demo", samples=16, steps=50, pairs=100,
+                 segmenter="demo"),
+    "tiny": dict(n=6, spacing=(6.0, 6.0, 5.0), size=(64, 64), prepare="tiny", train="tiny", samples=4, steps=5, pairs=6,
+                 segmenter="tiny"),
 }
 
 
@@ -108,10 +111,18 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
 
     stage("baseline", baseline)
 
+    def segmenter():
+        from lad.priors.train import load_segmenter_config, train_segmenter
+
+        clean("segmenter")
+        train_segmenter(out / "prepared", out / "segmenter", load_segmenter_config(p["segmenter"], [f"seed={seed}"]), device=device)
+
+    stage("segmenter", segmenter)
+
     def evaluation():
         clean("evaluation")
         evaluate(out / "prepared", {"V0 (Medical Diffusion)": out / "samples-v0", "Lad": out / "samples-lad"},
-                 out / "evaluation", n_pairs=p["pairs"], seed=seed, device=device)
+                 out / "evaluation", n_pairs=p["pairs"], seed=seed, device=device, segmenter=out / "segmenter")
         _write_demo_report(out, preset, cfg_full, sample, timings)
 
     stage("evaluate", evaluation)
