@@ -17,10 +17,12 @@ from lad.topology import betti_vector
 
 
 def gudhi_betti(mask):
+    """The release's call, per slice and label."""
     out = []
     for sl in mask:
         for k in (0, 1, 2):
-            pers = gudhi.CubicalComplex(top_dimensional_cells=(1 - (sl == k)).astype(float)).persistence()
+            cells = (1 - (sl == k)).ravel().astype(float)
+            pers = gudhi.CubicalComplex(dimensions=list(sl.shape), top_dimensional_cells=cells).persistence()
             out += [sum(d == 0 for d, _ in pers), sum(d == 1 for d, _ in pers)]
     return np.array(out)
 

@@ -1,128 +1,70 @@
-"""Training-step and sampling benchmarks. One JSON line per figure; each figure runs in its own process
-(so its peak RSS is its own). Run by hand:
+"""Training-step benchmark: seconds per VQ-GAN step and per diffusion step, and the data-loading share.
 
-    .venv/bin/python benchmarks/bench_train.py            # demo shapes (minutes)
-    .venv/bin/python benchmarks/bench_train.py --paper    # + the paper's shapes (slow on CPU, ~8 GB)
+Runs the real trainers (``train_vqgan`` / ``train_diffusion``) for a few steps on a synthetic prepared
+dataset written to a temporary folder, and reads the per-step figures they log
+(``RUN/logs/<part>.jsonl``: ``step_time_s``, ``data_share``; the first step is warm-up and is dropped).
+One JSON line per figure on stdout.
 
-Reference figures of the paper's public release on this machine kind (issue tracker): VQ-GAN G+D step
-1x16x64x64 batch 2: 5.27 s / 2.0 GB; 1x32x256x256: 305 s / 19.4 GB; pseudo-3D UNet denoiser step
-(41.3 M params, 704-d condition) latent 8x4x16x16: 3.49 s / 1.5 GB; latent 8x8x64x64: 19.4 s / 5.9 GB.
+    .venv/bin/python benchmarks/bench_train.py                 # demo preset shapes (1x16x64x64, latent 8x4x16x16)
+    .venv/bin/python benchmarks/bench_train.py --paper         # + paper shapes (1x32x256x256 batch 2; latent 8x8x64x64 batch 2)
+    .venv/bin/python benchmarks/bench_train.py --device cuda --steps 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-RELEASE = {"vqgan_1x16x64x64": 5.27, "vqgan_1x32x256x256": 305.0, "denoiser_8x4x16x16": 3.49, "denoiser_8x8x64x64": 19.4}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def _vqgan_step(shape, steps):
+def _figures(run: Path, part: str) -> dict:
+    rows = [json.loads(line) for line in (run / "logs" / f"{part}.jsonl").read_text().splitlines()][1:]  # drop warm-up
+    return {"seconds_per_step": round(statistics.median(r["step_time_s"] for r in rows), 3),
+            "data_share": round(statistics.median(r["data_share"] for r in rows), 4), "steps_timed": len(rows)}
+
+
+def bench(preset: str, shape: tuple[int, int, int], steps: int, device: str, extra: list[str]) -> None:
     import torch
 
-    from lad.models.vqgan import VQGAN
-    from lad.training.losses import VQGANLoss
+    from conftest import write_prepared
+    from lad.training.config import resolve_train_config
+    from lad.training.diffusion_trainer import train_diffusion
+    from lad.training.vqgan_trainer import train_vqgan
 
-    torch.manual_seed(0)
-    m = VQGAN(channels=(16, 32, 64), num_embeddings=16384, embedding_dim=8)  # the release's published configuration
-    crit = VQGANLoss(disc_start=0, disc_channels=64, disc_layers=3)  # perceptual off, discriminators on
-    og, od = torch.optim.Adam(m.parameters(), 3e-4), torch.optim.Adam(crit.discriminator_parameters(), 3e-4)
-    x = torch.rand(2, 1, *shape)
-    mask = torch.zeros(2, 1, *shape, dtype=torch.uint8)
-    mask[:, :, shape[0] // 4 : shape[0] // 2, shape[1] // 3 : shape[1] // 2, shape[2] // 3 : shape[2] // 2] = 1
-    times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
-        out = m(x)
-        loss, _ = crit.generator_loss(x, out, mask, 1)
-        og.zero_grad()
-        loss.backward()
-        og.step()
-        d, _ = crit.discriminator_loss(x, out, 1)
-        od.zero_grad()
-        d.backward()
-        od.step()
-        if i:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _denoiser_step(latent, steps, channels=(64, 128, 256), cond_dim=704):
-    import torch
-
-    from lad.models.denoiser import LatentDenoiser
-
-    torch.manual_seed(0)
-    d = LatentDenoiser(channels=channels, attention_levels=(False,) * (len(channels) - 1) + (True,), cond_dim=cond_dim)
-    opt = torch.optim.Adam(d.parameters(), 1e-4)
-    z, c, t = torch.randn(2, *latent), torch.randn(2, cond_dim), torch.tensor([3, 200])
-    times = []
-    for i in range(steps + 1):
-        s = time.perf_counter()
-        loss = (d(z, t, c) - z).abs().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i:
-            times.append(time.perf_counter() - s)
-    return statistics.median(times), sum(p.numel() for p in d.parameters())
-
-
-def _sampling(sampler, steps):
-    import torch
-
-    from lad.models.denoiser import LatentDenoiser
-    from lad.models.guidance import guided_epsilon
-    from lad.schedulers import DDIMScheduler, DDPMScheduler
-
-    torch.manual_seed(0)
-    d = LatentDenoiser(channels=(32, 64), attention_levels=(False, True), num_head_channels=16, norm_num_groups=16, cond_dim=112).eval()
-    sch = (DDIMScheduler if sampler == "ddim" else DDPMScheduler)(num_train_timesteps=300)
-    sch.set_timesteps(steps)
-    z, c, null = torch.randn(1, 8, 4, 16, 16), torch.randn(1, 112), torch.zeros(112)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for t in sch.timesteps:
-            z = sch.step(guided_epsilon(d, z, torch.tensor([int(t)]), c, null, 1.0), t, z, generator=[torch.Generator().manual_seed(0)])
-    return time.perf_counter() - t0
-
-
-def _child(name, fn, args, q):
-    out = fn(*args)
-    q.put((out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2))
-
-
-def run(name, fn, *args):
-    q = mp.get_context("spawn").Queue()
-    p = mp.get_context("spawn").Process(target=_child, args=(name, fn, args, q))
-    p.start()
-    out, peak = q.get()
-    p.join()
-    return out, round(peak, 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = write_prepared(tmp / "prepared", patients=2, windows=2, shape=shape)
+        cfg = resolve_train_config(preset, [f"vqgan_train.steps={steps + 1}", f"diffusion_train.steps={steps + 1}",
+                                            "logging.log_every=1", "logging.image_every=0", "logging.checkpoint_every=100000",
+                                            "vqgan_train.disc_start=0", *extra])
+        run = tmp / "run"
+        train_vqgan(data, run, cfg, device=device, progress_bar=False)
+        v = _figures(run, "vqgan")
+        print(json.dumps({"figure": "vqgan_train_step", "preset": preset, "shape": f"1x{'x'.join(map(str, shape))}",
+                          "batch": cfg.vqgan_train.batch_size, "discriminators": True, "perceptual": False, "device": device,
+                          "threads": torch.get_num_threads(), **v}), flush=True)
+        t0 = time.perf_counter()
+        train_diffusion(data, run, cfg, device=device, progress_bar=False)
+        d = _figures(run, "diffusion")
+        latent = json.loads((run / "latent_stats.json").read_text())["latent_shape"]
+        print(json.dumps({"figure": "diffusion_train_step", "preset": preset, "latent": "x".join(map(str, latent)),
+                          "batch": cfg.diffusion_train.batch_size, "variant": cfg.variant, "device": device,
+                          "threads": torch.get_num_threads(), "part_total_s_incl_latent_cache": round(time.perf_counter() - t0, 2),
+                          **d}), flush=True)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--paper", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paper", action="store_true", help="also the paper's shapes (minutes per step on CPU, ~20 GB)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per part (after one warm-up step)")
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    s, peak = run("vqgan", _vqgan_step, (16, 64, 64), 2)
-    print(json.dumps({"figure": "vqgan_g+d_step", "shape": "1x16x64x64", "batch": 2, "seconds": round(s, 3), "peak_rss_gb": peak,
-                      "release_s": RELEASE["vqgan_1x16x64x64"], "ratio_vs_release": round(s / RELEASE["vqgan_1x16x64x64"], 3)}))
-    (s, n), peak = run("den", _denoiser_step, (8, 4, 16, 16), 3)
-    print(json.dumps({"figure": "denoiser_step", "latent": "8x4x16x16", "batch": 2, "params_m": round(n / 1e6, 1), "seconds": round(s, 3),
-                      "peak_rss_gb": peak, "release_s": RELEASE["denoiser_8x4x16x16"], "ratio_vs_release": round(s / RELEASE["denoiser_8x4x16x16"], 3)}))
-    ddpm, _ = run("ddpm", _sampling, "ddpm", 300)
-    ddim, _ = run("ddim", _sampling, "ddim", 50)
-    print(json.dumps({"figure": "sampling_latent_loop", "latent": "8x4x16x16", "model": "demo denoiser", "ddpm300_s": round(ddpm, 2),
-                      "ddim50_s": round(ddim, 2), "speedup": round(ddpm / ddim, 2)}))
+    bench("demo", (16, 64, 64), a.steps, a.device, [])
     if a.paper:
-        (s, n), peak = run("den", _denoiser_step, (8, 8, 64, 64), 1)
-        print(json.dumps({"figure": "denoiser_step", "latent": "8x8x64x64", "batch": 2, "seconds": round(s, 2), "peak_rss_gb": peak,
-                          "release_s": RELEASE["denoiser_8x8x64x64"], "ratio_vs_release": round(s / RELEASE["denoiser_8x8x64x64"], 3)}))
-        s, peak = run("vqgan", _vqgan_step, (32, 256, 256), 1)
-        print(json.dumps({"figure": "vqgan_g+d_step", "shape": "1x32x256x256", "batch": 2, "seconds": round(s, 1), "peak_rss_gb": peak,
-                          "release_s": RELEASE["vqgan_1x32x256x256"], "ratio_vs_release": round(s / RELEASE["vqgan_1x32x256x256"], 3)}))
+        bench("paper-abdomenct1k", (32, 256, 256), a.steps, a.device, ["diffusion_train.batch_size=2"])

@@ -174,3 +174,56 @@ def test_nrrd_round_trip(tmp_path):
     b = canonicalize(img)
     assert np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
     assert np.allclose(affine_dhw_to_ras(a), affine_dhw_to_ras(b))
+
+
+def test_label_values_are_checked_before_any_cast(tmp_path):
+    sitk.WriteImage(_img(np.zeros((3, 4, 5), np.int16)), str(tmp_path / "img.nii.gz"))
+    lab = np.zeros((3, 4, 5), np.int16)
+    lab[0, 0, 0], lab[1, 1, 1] = 300, 1  # 300 would wrap to 44 in uint8
+    sitk.WriteImage(_img(lab), str(tmp_path / "big.nii.gz"))
+    with pytest.raises(CaseError, match=r"big.nii.gz: unexpected label values \[300\]"):
+        load_case(CaseSpec("c", tmp_path / "img.nii.gz", tmp_path / "big.nii.gz", None, "pairs"))
+    flt = np.zeros((3, 4, 5), np.float32)
+    flt[1, 1, 1] = 0.5
+    sitk.WriteImage(_img(flt), str(tmp_path / "frac.nii.gz"))
+    with pytest.raises(CaseError, match=r"frac.nii.gz: label map holds non-integer values \[0.5\]"):
+        load_case(CaseSpec("c", tmp_path / "img.nii.gz", tmp_path / "frac.nii.gz", None, "pairs"))
+    # a float label holding whole numbers is fine, and a label map can use values above 255
+    flt[1, 1, 1] = 2.0
+    sitk.WriteImage(_img(flt), str(tmp_path / "whole.nii.gz"))
+    org = sitk.GetArrayFromImage(load_case(CaseSpec("c", tmp_path / "img.nii.gz", tmp_path / "whole.nii.gz", None, "pairs")).organs)
+    assert org[1, 1, 1] == 2 and org.sum() == 2
+    org = sitk.GetArrayFromImage(load_case(CaseSpec("c", tmp_path / "img.nii.gz", tmp_path / "big.nii.gz", {300: 1}, "pairs")).organs)
+    assert org[0, 0, 0] == 1 and org[1, 1, 1] == 0 and org.sum() == 1  # unmapped 1 -> background
+
+
+def test_oblique_label_is_canonicalised_with_nearest_neighbour():
+    c, s_ = np.cos(np.pi / 9), np.sin(np.pi / 9)  # 20 degrees about z
+    arr = np.zeros((4, 10, 10), np.int16)
+    arr[:, 3:7, 3:7] = 4
+    img = _img(arr, spacing=(1, 1, 1), origin=(0, 0, 0), direction=(c, -s_, 0, s_, c, 0, 0, 0, 1))
+    lab = sitk.GetArrayFromImage(canonicalize(img, is_label=True))
+    assert set(np.unique(lab).tolist()) == {0, 4}
+    assert abs(int((lab == 4).sum()) - 4 * 16) <= 4 * 4  # area preserved to within a voxel rim per slice
+    smooth = sitk.GetArrayFromImage(canonicalize(img))  # an image: linear, intermediate values appear
+    assert np.any((smooth > 0) & (smooth < 4))
+
+
+def test_source_spacing_follows_canonical_axes(tmp_path):
+    arr = np.zeros((4, 5, 6), np.int16)
+    img = _img(arr, spacing=(1.0, 2.0, 3.0), direction=(0, 1, 0, 1, 0, 0, 0, 0, 1))  # file x is physical y
+    sitk.WriteImage(img, str(tmp_path / "img.nrrd"))
+    case = load_case(CaseSpec("c", tmp_path / "img.nrrd", None, None, "pairs"))
+    assert case.source_spacing == (2.0, 1.0, 3.0) and np.allclose(case.image.GetSpacing(), (2.0, 1.0, 3.0))
+    assert case.organs is None and case.image.GetPixelID() == sitk.sitkFloat32
+
+
+def test_image_from_array_accepts_bool_masks(tmp_path):
+    m = np.zeros((2, 3, 4), bool)
+    m[1, 2, 3] = True
+    aff = np.diag([-2.0, -1.0, 1.5, 1.0])  # d -> R-L (x2 mm), h -> A-P, w -> S
+    write_nifti(m, aff, tmp_path / "m.nii.gz")
+    back = canonicalize(read_image(tmp_path / "m.nii.gz"))
+    # d runs along R->L (-x in RAS) and is LPS +x; w runs along S: canonical (d,h,w) = (z,y,x) reorders the axes
+    idx = np.argwhere(sitk.GetArrayFromImage(back) == 1)[0]
+    assert np.allclose(affine_dhw_to_ras(back) @ [*idx, 1], aff @ [1, 2, 3, 1])

@@ -9,6 +9,15 @@ from lad.models.vqgan import VQGAN
 from lad.training.losses import VQGANLoss, feature_matching_loss, hinge_d_loss, hinge_g_loss, locality_loss
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (on the loaded 2-core machine two threads ran 47x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_locality_loss_equals_hand_computed_box_l1():
     x = torch.zeros(1, 1, 4, 6, 6)
     x_hat = torch.zeros(1, 1, 4, 6, 6)
@@ -51,9 +60,9 @@ def test_hinge_and_feature_matching():
 def test_vqgan_loss_discriminator_terms_switch_on_at_disc_start():
     torch.manual_seed(0)
     m = VQGAN(channels=(8, 16, 16), num_embeddings=32, norm_num_groups=8)
-    x = torch.rand(2, 1, 8, 32, 32)
-    mask = torch.zeros(2, 1, 8, 32, 32, dtype=torch.uint8)
-    mask[:, :, 2:5, 10:20, 10:20] = 1
+    x = torch.rand(2, 1, 8, 16, 16)
+    mask = torch.zeros(2, 1, 8, 16, 16, dtype=torch.uint8)
+    mask[:, :, 2:5, 4:10, 4:10] = 1
     crit = VQGANLoss(disc_start=10, disc_channels=8)
     out = m(x)
     _, logs = crit.generator_loss(x, out, mask, step=0)
@@ -68,6 +77,26 @@ def test_vqgan_loss_discriminator_terms_switch_on_at_disc_start():
     assert d.item() > 0
     v0 = VQGANLoss(disc_start=10, disc_channels=8, locality_weight=0.0)
     assert "locality" not in v0.generator_loss(x, out, mask, step=0)[1]
+    names = {id(p) for p in crit.discriminator_parameters()}
+    assert names == {id(p) for p in [*crit.disc2d.parameters(), *crit.disc3d.parameters()]}
+    assert not names & {id(p) for p in m.parameters()}
+
+
+def test_vqgan_loss_2d_uses_the_whole_image():
+    torch.manual_seed(0)
+    m = VQGAN(spatial_dims=2, channels=(8, 16), downsample=(2, 2), num_embeddings=16, norm_num_groups=8)
+    x = torch.rand(2, 1, 16, 16)
+    mask = torch.zeros(2, 1, 16, 16, dtype=torch.uint8)
+    mask[:, :, 4:8, 4:8] = 2
+    crit = VQGANLoss(spatial_dims=2, disc_start=0, disc_channels=8)
+    assert crit.disc3d is None
+    out = m(x)
+    loss, logs = crit.generator_loss(x, out, mask, step=0)
+    assert "g_adv3d" not in logs
+    expected = 4 * logs["l1"] + logs["commitment"] + logs["locality"] + 0.25 * logs["g_adv2d"] + 4 * logs["feature_matching"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    box = (x - out.recon).abs()[:, :, 4:8, 4:8].mean()
+    assert logs["locality"].item() == pytest.approx(box.item(), rel=1e-5)
 
 
 def test_perceptual_loss_needs_a_real_weights_file(tmp_path):
@@ -77,8 +106,22 @@ def test_perceptual_loss_needs_a_real_weights_file(tmp_path):
     torch.save({"wrong.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="bad.pth: not a VGG16 state dict"):
         PerceptualLoss(tmp_path / "bad.pth")
-    feats = _vgg16_features()
-    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, tmp_path / "vgg.pth")
+    g = torch.Generator().manual_seed(0)
+    shapes = {k: v.shape for k, v in _vgg16_features("meta").state_dict().items()}
+    state = {f"features.{k}": torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+    torch.save(state, tmp_path / "vgg.pth")
     p = PerceptualLoss(tmp_path / "vgg.pth")
-    a = torch.rand(2, 1, 32, 32)
-    assert p(a, a).item() == pytest.approx(0.0, abs=1e-6) and p(a, torch.rand(2, 1, 32, 32)).item() > 0
+    assert torch.equal(p.features[0].weight, state["features.0.weight"])  # the file's weights, not an init
+    assert not any(q.requires_grad for q in p.parameters())
+    a = torch.rand(2, 1, 32, 32, generator=g)
+    assert p(a, a).item() == pytest.approx(0.0, abs=1e-6) and p(a, torch.rand(2, 1, 32, 32, generator=g)).item() > 0
+    # the same backbone in LPIPS' layout (net.sliceK.N.*, plus its linear heads) loads to the same weights
+    slice_of = lambda n: 1 + sum(n > e for e in (3, 8, 15, 22))  # noqa: E731
+    lpips = {f"net.slice{slice_of(int(k.split('.')[1]))}.{k.split('.', 1)[1]}": v for k, v in state.items()}
+    lpips["lin0.model.1.weight"] = torch.ones(1, 64, 1, 1)
+    torch.save(lpips, tmp_path / "lpips.pth")
+    assert torch.equal(PerceptualLoss(tmp_path / "lpips.pth").features[28].bias, state["features.28.bias"])
+    state["features.0.weight"] = torch.zeros(64, 1, 3, 3)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match="shape.pth: VGG16 keys with wrong shapes"):
+        PerceptualLoss(tmp_path / "shape.pth")

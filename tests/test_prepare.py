@@ -111,12 +111,19 @@ def test_split_by_patient_resume_and_drops(tmp_path):
     # resume: a finished patient is not recomputed; a half-written temp folder is ignored
     meta = tmp_path / "prep" / "patients" / "Case_00000" / "meta.json"
     stamp = meta.stat().st_mtime_ns
-    (tmp_path / "prep" / "patients" / ".Case_00099.abc.tmp").mkdir()
+    # Case_00004 interrupted mid-write: only its temporary folder (with a stale, wrong array) is left
+    patients = tmp_path / "prep" / "patients"
+    (patients / "Case_00004").rename(patients / ".Case_00004.abc.tmp")
+    (patients / ".Case_00004.abc.tmp" / "meta.json").unlink()
+    np.save(patients / ".Case_00004.abc.tmp" / "image.npy", np.zeros((1, 2, 2, 2), np.int16))
     s2 = prepare_dataset("abdomenct1k", raw, tmp_path / "prep", cfg)
     assert s2["kept"] == 5 and meta.stat().st_mtime_ns == stamp
+    assert (patients / "Case_00004" / "meta.json").exists() and not list(patients.glob(".*"))
+    assert np.load(patients / "Case_00004" / "image.npy").shape[1:] == (8, 32, 32)
+    assert json.loads((tmp_path / "prep" / "manifest.json").read_text())["windows"] == man["windows"]
     assert len(PreparedDataset(tmp_path / "prep", split=None)) == len(man["windows"])
     # other settings on the same folder are refused, nothing lost
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match=r"spacing: \[4.0, 4.0, 4.0\] -> \[5.0, 5.0, 5.0\].*--overwrite"):
         prepare_dataset("abdomenct1k", raw, tmp_path / "prep", PrepareConfig(spacing=(5.0, 5.0, 5.0), size=(32, 32), depth=8))
     assert meta.exists()
 
@@ -167,3 +174,117 @@ def test_cli_prepare_and_export(tmp_path):
     for verb in ("prepare", "export-window", "phantom", "sample"):
         h = subprocess.run([sys.executable, "-m", "lad", verb, "--help"], capture_output=True, text=True)
         assert h.returncode == 0 and "usage: lad" in h.stdout
+
+
+def _oblique_axes_case(folder: Path, name: str, cube_index=(12, 20, 9)):
+    """A volume stored with permuted, flipped axes, anisotropic spacing and an odd origin.
+
+    Index axis i runs to +P, j to -S, k to -L (a det +1 signed permutation); a bright 4^3 cube of
+    pancreas sits at ``cube_index`` (i, j, k). Returns the cube's centre in LPS mm (the oracle).
+    """
+    size = (28, 36, 30)  # (i, j, k)
+    arr = np.full(size[::-1], 30.0, np.float32)  # numpy (k, j, i); soft tissue everywhere
+    lab = np.zeros(size[::-1], np.uint8)
+    i, j, k = cube_index
+    arr[k : k + 4, j : j + 4, i : i + 4] = 300.0
+    lab[k : k + 4, j : j + 4, i : i + 4] = 4
+    lab[2:28, 2:34, 2:8] = 1  # a liver block away from the cube
+    image, labels = sitk.GetImageFromArray(arr), sitk.GetImageFromArray(lab)
+    for im in (image, labels):
+        im.SetSpacing((2.5, 3.0, 2.0))
+        im.SetDirection((0, 0, -1, 1, 0, 0, 0, -1, 0))
+        im.SetOrigin((37.5, -112.25, 301.0))
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(folder / f"{name}_0000.nii.gz"))
+    sitk.WriteImage(labels, str(folder / f"{name}.nii.gz"))
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint([i + 1.5, j + 1.5, k + 1.5]))
+
+
+def test_geometry_permuted_axes_to_ras_mm(tmp_path):
+    centre_lps = _oblique_axes_case(tmp_path / "raw", "Case_00007")
+    centre_ras = centre_lps * [-1, -1, 1]
+    cfg = PrepareConfig(spacing=(2.0, 2.0, 2.0), size=(48, 48), depth=8, stride=4)
+    s = prepare_dataset("abdomenct1k", tmp_path / "raw", tmp_path / "prep", cfg)
+    assert s["kept"] == 1
+    ds = PreparedDataset(tmp_path / "prep", split=None)
+    for i, w in enumerate(ds.windows):
+        paths = export_window(tmp_path / "prep", w["id"], tmp_path / "exp")
+        nii = nib.load(paths["image"])
+        hu = np.asarray(nii.dataobj)
+        bright = np.argwhere(hu > 200)
+        assert len(bright) > 0  # the cube is in every window (it is the organ of interest)
+        # exported NIfTI: the whole cube (when fully inside) is centred where it was in the source, in RAS mm
+        if w["organ_voxels"]["pancreas"] >= 0.9 * (4 * 2.5 * 4 * 3.0 * 4 * 2.0) / 8:
+            got = (nii.affine @ [*bright.mean(0), 1])[:3]
+            np.testing.assert_allclose(got, centre_ras, atol=1.0)
+        # the dataset's affine (d, h, w) agrees with nibabel's (x, y, z) = (w, h, d)
+        d, h, w_ = np.argwhere(ds[i]["mask"][0] == 1)[0]
+        np.testing.assert_allclose(ds[i]["affine"] @ [d, h, w_, 1], nii.affine @ [w_, h, d, 1], atol=1e-4)
+    # canonical orientation: row 0 anterior, column 0 patient right, slice 0 inferior
+    a = np.asarray(ds.windows[0]["affine"])
+    assert a[2, 0] > 0 and a[1, 1] < 0 and a[0, 2] < 0
+
+
+def test_phantom_end_to_end_workers_and_split(tmp_path):
+    from lad.data.phantom import write_phantom_dataset
+    from lad.data.prepare import load_prepare_config, split_patients
+
+    write_phantom_dataset(tmp_path / "raw", 4, seed=3, spacing=(6.0, 6.0, 5.0), size=(64, 64))
+    cfg = load_prepare_config("tiny", {"split": 0.75})
+    s1 = prepare_dataset("abdomenct1k", tmp_path / "raw", tmp_path / "one", cfg)
+    s2 = prepare_dataset("abdomenct1k", tmp_path / "raw", tmp_path / "two", cfg, workers=2)
+    m1, m2 = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("one", "two"))
+    assert s1["kept"] == 4 and m1["windows"] == m2["windows"] and m1["splits"] == m2["splits"]
+    assert len(m1["splits"]["train"]) == 3 and len(m1["splits"]["test"]) == 1
+    ds = PreparedDataset(tmp_path / "one", split=None)
+    for i in range(len(ds)):
+        r = ds.get_arrays(i)
+        assert r["hu"].shape == (8, 32, 32) and r["hu"].dtype == np.int16
+        assert r["hu"].min() >= -1000 and r["hu"].max() <= 400
+        assert (r["mask"] == 1).any() or (r["mask"] == 2).any()  # each window holds the organ of interest
+        z0, z1 = r["meta"]["z_range"]
+        assert z1 - z0 == 8
+    fp = json.loads((tmp_path / "one" / "fingerprint.json").read_text())
+    assert fp["n_windows"]["train"] == s1["windows_train"] and fp["window_shape"] == [8, 32, 32]
+    assert fp["source_spacing"]["median"] == [6.0, 6.0, 5.0]
+    assert fp["hu_percentiles"]["0.5"] <= fp["hu_percentiles"]["50"] <= fp["hu_percentiles"]["99.5"]
+    n_train_vox = sum(int((PreparedDataset(tmp_path / "one")[i]["organs"] == 1).sum()) for i in range(s1["windows_train"]))
+    assert fp["label_voxels"]["liver"] == n_train_vox
+    # the split depends only on the sorted ids and the seed
+    ids = [f"Case_{i:05d}" for i in range(1, 5)]
+    assert split_patients(ids[::-1], 0.75, 0) == split_patients(ids, 0.75, 0) == {
+        p: ("train" if p in m1["splits"]["train"] else "test") for p in ids}
+
+
+def test_drops_missing_organ_unlabeled_and_bad_layout(tmp_path):
+    raw = tmp_path / "raw"
+    _case(raw, "Case_00001")
+    _case(raw, "Case_00002", organs=("liver", "kidney", "spleen"))  # no pancreas
+    _case(raw, "Case_00003")
+    (raw / "Case_00003.nii.gz").unlink()  # unlabeled, no priors
+    (raw / "Case_00004_0000.nii.gz").write_bytes(b"not a nifti")  # unreadable
+    s = prepare_dataset("abdomenct1k", raw, tmp_path / "prep", CFG)
+    assert s["kept"] == 1 and s["dropped"] == 3
+    dropped = {d["patient"]: d for d in json.loads((tmp_path / "prep" / "manifest.json").read_text())["dropped"]}
+    assert "pancreas not present" in dropped["Case_00002"]["reason"] and dropped["Case_00002"]["file"].endswith("Case_00002.nii.gz")
+    assert "unlabeled" in dropped["Case_00003"]["reason"]
+    assert dropped["Case_00004"]["file"].endswith("Case_00004_0000.nii.gz") and "unreadable" in dropped["Case_00004"]["reason"]
+    with pytest.raises(ValueError, match="unknown layout 'nifti'"):
+        prepare_dataset("nifti", raw, tmp_path / "p2", CFG)
+    with pytest.raises(ValueError, match="hu_clip"):
+        PrepareConfig(hu_clip=(-1200, 400))
+    with pytest.raises(ValueError, match="require"):
+        PrepareConfig(require=["lung"])
+
+
+def test_presets_and_overrides():
+    from lad.data.prepare import load_prepare_config
+
+    paper = load_prepare_config("paper-abdomenct1k")
+    assert paper.spacing == (1.6, 1.6, 2.3) and paper.size == (256, 256) and paper.depth == 32 and paper.window_stride == 16
+    ts = load_prepare_config("paper-totalsegmentator")
+    assert ts.spacing == (1.1, 1.1, 1.5) and ts.require == ["liver", "kidney", "spleen", "pancreas"]
+    demo = load_prepare_config("demo", {"depth": 12, "stride": None})
+    assert demo.depth == 12 and demo.size == (64, 64) and demo.spacing == (6.0, 6.0, 5.0)
+    tiny = load_prepare_config("tiny")
+    assert tiny.size == (32, 32) and tiny.depth == 8 and tiny.hu_clip == (-1000.0, 400.0)

@@ -60,12 +60,15 @@ def test_predict_keeps_input_geometry_and_feeds_prepare(segmenter, tiny_prepared
         assert np.allclose(lab.GetDirection(), img.GetDirection(), atol=1e-4)
         report = json.loads((tmp_path / "labels" / f"{cid}.json").read_text())
         assert report["organ_volumes_ml"]["liver"] > 0 and isinstance(report["flags"], list)
-    # the predicted liver sits where the phantom's liver is (mm, RAS)
+    # the predicted liver overlaps the phantom's liver voxel for voxel on the input grid: a flipped or
+    # shifted geometry would give an overlap near 0 (a 150-step tiny segmenter is not a good one)
     lab = canonicalize(read_image(tmp_path / "labels" / "Case_00077.nii.gz"))
-    arr, aff = sitk.GetArrayFromImage(lab), affine_dhw_to_ras(lab)
-    pred_c = (aff @ [*np.argwhere(arr == 1).mean(0), 1])[:3]
-    true_c = (subj.affine @ [*np.argwhere(subj.labels == 1).mean(0), 1])[:3]
-    assert np.linalg.norm(pred_c - true_c) < 30.0
+    arr = sitk.GetArrayFromImage(lab)
+    assert np.allclose(affine_dhw_to_ras(lab), subj.affine)
+    pred, true = arr == 1, subj.labels == 1
+    dice = 2 * (pred & true).sum() / (pred.sum() + true.sum())
+    flipped = 2 * (pred[:, :, ::-1] & true).sum() / (pred.sum() + true.sum())
+    assert dice > 0.2 and dice > flipped + 0.15  # measured: 0.33 vs 0.01 flipped
     # resumable: a second call skips both
     assert predict_priors(raw, tmp_path / "labels", segmenter=segmenter)["skipped"] == 2
     # predicted labels flow through `lad prepare --priors` and are marked as predictions

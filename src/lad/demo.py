@@ -173,7 +173,7 @@ def _write_demo_report(out: Path, preset: str, cfg, sample, timings: dict) -> No
     from lad.data.dataset import PreparedDataset
     from lad.evaluation.evaluate import load_synthetic
     from lad.evaluation.features import FeatureExtractor
-    from lad.evaluation.metrics import max_bounding_box
+    from lad.evaluation.crops import max_bounding_box
 
     ds_test = PreparedDataset(out / "prepared", split="test")
     ds_train = PreparedDataset(out / "prepared", split="train")

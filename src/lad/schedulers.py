@@ -1,123 +1,292 @@
-"""Noise schedulers, kept apart from the models (``set_timesteps`` / ``step`` / ``add_noise``).
+"""Noise schedulers, kept apart from the models (diffusers/MONAI style: ``set_timesteps / step / add_noise``).
 
-MONAI 1.6 ships DDPM and DDIM schedulers with the cosine schedule the release uses, so we wrap
-them rather than rewrite them. The wrapper adds what sampling at scale needs:
+The release trains a 300-step DDPM with the cosine schedule (Nichol & Dhariwal 2021) and
+epsilon-prediction. ``DDPMScheduler`` samples it ancestrally; ``DDIMScheduler`` (Song et al. 2021)
+samples the same model in a few steps (``eta=0``: deterministic).
 
-* ``step(..., generator=[g_0, g_1, ...])``: one generator per sample, so a sample's noise does not
-  depend on the batch it is in (sharded and resumed generation equal a single run);
-* ``save_pretrained`` / ``from_pretrained`` with ``scheduler_config.json``, like the models;
-* schedule names of the paper's vocabulary: ``"cosine"`` and ``"linear"``.
+What is reused and what is written here, and why:
+
+* the beta tables use the formulas of MONAI's ``NoiseSchedules`` ("cosine" is exactly the release's /
+  Nichol & Dhariwal's, betas clipped at 0.999) computed in float64 (MONAI's float32 cosine table
+  gives the first steps' coefficients only 3 correct digits: see ``_betas``);
+* the steps are written here. MONAI 1.6's ``DDPMScheduler.step`` always uses the posterior from t to
+  t - 1, so after ``set_timesteps(n < T)`` it steps to a noise level the next call does not expect;
+  its ``DDIMScheduler`` spaces the timesteps with ``round(linspace(T - 1, 0, n))`` but steps to
+  ``t - T // n`` (300 steps, n = 50: 299 -> 293 while the next timestep is 293, but 268 -> 262 while the
+  next is 262 or 263 depending on rounding), and both index CPU tables with Python ints and branch on
+  ``timestep > 0`` (a device sync for a CUDA timestep). Here the previous noise level of every timestep
+  comes from a table built by ``set_timesteps``, so any spacing is exact, and everything stays on the
+  sample's device (tensor indexing, no ``.item()``, no data-dependent branch).
+
+Extras the sampler needs: ``step(..., generator=[g_0, g_1, ...])`` draws each sample's noise from its
+own generator (a sample does not depend on the batch it is in); per-sample timesteps ``(B,)``;
+``save_pretrained`` / ``from_pretrained`` with ``scheduler_config.json``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from monai.networks.schedulers import DDIMScheduler as _MonaiDDIM
-from monai.networks.schedulers import DDPMScheduler as _MonaiDDPM
 
 from lad.utils.atomic import write_json
+from lad.utils.log import get_logger
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "load_scheduler", "CONFIG_NAME"]
+__all__ = ["DDPMScheduler", "DDIMScheduler", "load_scheduler", "CONFIG_NAME", "SCHEDULES", "PREDICTION_TYPES"]
 
 CONFIG_NAME = "scheduler_config.json"
-_SCHEDULES = {"cosine": "cosine", "linear": "linear_beta"}
+SCHEDULES = ("cosine", "linear", "scaled_linear")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+logger = get_logger(__name__)
+
+Timestep = int | torch.Tensor
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-class _Base:
-    kind = ""
+def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """(T,) float64 betas.
+
+    Same formulas as MONAI's ``NoiseSchedules`` ("cosine", "linear_beta", "scaled_linear_beta"), but in
+    float64: MONAI builds the cosine table in float32, where beta_0 = 1 - abar(1) / abar(0) ~ 4e-5 keeps
+    only 3 significant digits (relative error ~1e-3 in the first posterior coefficients)."""
+    n = num_train_timesteps
+    if schedule == "cosine":  # Nichol & Dhariwal 2021, s = 0.008, betas clipped at 0.999 (as the release)
+        x = torch.linspace(0, n, n + 1, dtype=torch.float64)
+        abar = torch.cos(((x / n) + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - abar[1:] / abar[:-1]).clamp(0.0, 0.999)
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+    return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2  # scaled_linear
+
+
+def _expand(coef: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B,) or (1,) -> (B, 1, ..., 1) for broadcasting against an ``ndim`` sample."""
+    return coef.reshape(-1, *([1] * (ndim - 1)))
+
+
+def _randn_like(sample: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise shaped like ``sample``; a list of generators gives one per sample."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+    if len(generator) != sample.shape[0]:
+        raise ValueError(f"need one generator per sample: {len(generator)} for a batch of {sample.shape[0]}")
+    return torch.stack([torch.randn(sample.shape[1:], generator=g, device=sample.device, dtype=sample.dtype)
+                        for g in generator])
+
+
+class _Scheduler:
+    """Shared schedule tables, ``add_noise``, timesteps and save/load."""
 
     def __init__(self, *, num_train_timesteps: int = 300, schedule: str = "cosine", beta_start: float = 1e-4,
                  beta_end: float = 2e-2, clip_sample: bool = False, prediction_type: str = "epsilon"):
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"schedule must be one of {list(_SCHEDULES)}, got {schedule!r}")
-        self.config = {"num_train_timesteps": num_train_timesteps, "schedule": schedule, "beta_start": beta_start,
-                       "beta_end": beta_end, "clip_sample": clip_sample, "prediction_type": prediction_type}
-        args = {"beta_start": beta_start, "beta_end": beta_end} if schedule == "linear" else {}
-        self._impl = self._make(num_train_timesteps, _SCHEDULES[schedule], clip_sample, prediction_type, args)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+        if int(num_train_timesteps) < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+        self.config = {"num_train_timesteps": int(num_train_timesteps), "schedule": schedule,
+                       "beta_start": float(beta_start), "beta_end": float(beta_end),
+                       "clip_sample": bool(clip_sample), "prediction_type": prediction_type}
+        betas = _betas(schedule, self.num_train_timesteps, beta_start, beta_end)
+        self._betas64 = betas
+        self._abar64 = torch.cumprod(1.0 - betas, dim=0)
+        self.num_inference_steps = self.num_train_timesteps
+        self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1)
+        self._prev64 = self._prev_table(self.timesteps)
+        self._cache: dict = {}
 
+    # ---------------------------------------------------------------- tables
     @property
     def num_train_timesteps(self) -> int:
         return self.config["num_train_timesteps"]
 
     @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self._impl.alphas_cumprod
+    def betas(self) -> torch.Tensor:
+        """(T,) float32 CPU."""
+        return self._betas64.float()
 
     @property
-    def timesteps(self) -> torch.Tensor:
-        return self._impl.timesteps
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float32 CPU, ``alpha_bar_t`` for t = 0 .. T - 1 (strictly decreasing, in (0, 1))."""
+        return self._abar64.float()
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``sqrt(a_t) x0 + sqrt(1 - a_t) noise`` per sample; ``timesteps`` (B,) long."""
-        a = self.alphas_cumprod.to(original_samples.device, original_samples.dtype)[timesteps]
-        a = a.view(-1, *([1] * (original_samples.ndim - 1)))
-        return a.sqrt() * original_samples + (1 - a).sqrt() * noise
+    def _prev_table(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """(T,) float64: ``alpha_bar`` of the noise level a step from t lands on (1.0 = clean sample).
 
+        Listed timesteps step to the next listed one; others to t - 1 (the full chain)."""
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), self._abar64[:-1]])
+        ts = timesteps.cpu().long()
+        prev[ts] = torch.cat([self._abar64[ts[1:]], torch.ones(1, dtype=torch.float64)])
+        return prev
+
+    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_bar, alpha_bar_prev) on ``device`` in ``dtype``, copied once per device/dtype."""
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = (self._abar64.to(device=device, dtype=dtype), self._prev64.to(device=device, dtype=dtype))
+        return self._cache[key]
+
+    @staticmethod
+    def _index(table: torch.Tensor, t: Timestep) -> torch.Tensor:
+        """``table[t]`` as a (1,) or (B,) tensor without a host sync (python int or tensor ``t``)."""
+        if isinstance(t, torch.Tensor):
+            return torch.index_select(table, 0, t.to(table.device, non_blocking=True).reshape(-1).long())
+        return table.narrow(0, int(t), 1)
+
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    # ---------------------------------------------------------------- forward process
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Timestep) -> torch.Tensor:
+        """``sqrt(a_t) x0 + sqrt(1 - a_t) noise`` with ``a_t = alpha_bar[t]``.
+
+        ``original_samples``, ``noise``: (B, ...) float; ``timesteps``: (B,) long (any device) or an int.
+        Returns (B, ...) in the samples' dtype, on their device."""
+        dt = self._compute_dtype(original_samples)
+        a = _expand(self._index(self._tables(original_samples.device, dt)[0], timesteps), original_samples.ndim)
+        return (a.sqrt() * original_samples + (1 - a).sqrt() * noise).to(original_samples.dtype)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: Timestep) -> torch.Tensor:
+        """v-prediction target ``sqrt(a_t) noise - sqrt(1 - a_t) x0`` (same shapes as ``add_noise``)."""
+        dt = self._compute_dtype(sample)
+        a = _expand(self._index(self._tables(sample.device, dt)[0], timesteps), sample.ndim)
+        return (a.sqrt() * noise - (1 - a).sqrt() * sample).to(sample.dtype)
+
+    def _x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, a_t: torch.Tensor):
+        """(predicted x0, predicted epsilon) from the model output; x0 clipped to [-1, 1] if configured."""
+        pred = self.config["prediction_type"]
+        s, r = a_t.sqrt(), (1 - a_t).sqrt()
+        if pred == "epsilon":
+            x0, eps = (sample - r * model_output) / s, model_output
+        elif pred == "sample":
+            x0, eps = model_output, (sample - s * model_output) / r
+        else:  # v_prediction
+            x0, eps = s * sample - r * model_output, s * model_output + r * sample
+        if self.config["clip_sample"]:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (sample - s * x0) / r
+        return x0, eps
+
+    # ---------------------------------------------------------------- reverse process
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        n = min(int(num_inference_steps), self.num_train_timesteps)
+        """Sample in ``n`` steps: ``timesteps`` = ``round(linspace(T - 1, 0, n))`` (descending, unique),
+        a (n,) long tensor on ``device``. ``n > T`` is reduced to T (with a warning)."""
+        n = int(num_inference_steps)
         if n < 1:
             raise ValueError(f"need at least one sampling step, got {num_inference_steps}")
-        self._impl.set_timesteps(n, device=device)
+        if n > self.num_train_timesteps:
+            logger.warning("%d sampling steps requested for a %d-step model; using %d", n, self.num_train_timesteps,
+                           self.num_train_timesteps)
+            n = self.num_train_timesteps
+        ts = torch.linspace(self.num_train_timesteps - 1, 0, n, dtype=torch.float64).round().long()
+        self.num_inference_steps = n
+        self._prev64 = self._prev_table(ts)
+        self._cache = {}
+        self.timesteps = ts.to(device) if device is not None else ts
 
-    def _step_one(self, model_output, timestep, sample, generator):
+    def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor,
+             generator: Generators = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
-        """One reverse step; returns the previous sample. A list of generators gives per-sample noise."""
-        t = int(timestep)
-        if generator is None or isinstance(generator, torch.Generator):
-            return self._step_one(model_output, t, sample, generator)
-        if len(generator) != sample.shape[0]:
-            raise ValueError(f"need one generator per sample: {len(generator)} for a batch of {sample.shape[0]}")
-        return torch.cat([self._step_one(model_output[i : i + 1], t, sample[i : i + 1], g) for i, g in enumerate(generator)])
+    # ---------------------------------------------------------------- save / load
+    def _saved_config(self) -> dict:
+        return {"_class": type(self).__name__, **self.config}
 
     def save_pretrained(self, path: str | Path) -> None:
+        """Write ``path/scheduler_config.json`` (atomically)."""
         Path(path).mkdir(parents=True, exist_ok=True)
-        write_json(Path(path) / CONFIG_NAME, {"_class": type(self).__name__, **self.config})
+        write_json(Path(path) / CONFIG_NAME, self._saved_config())
 
     @classmethod
-    def from_pretrained(cls, path: str | Path):
-        f = Path(path) / CONFIG_NAME
-        if not f.exists():
-            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}")
+    def from_pretrained(cls, path: str | Path, **overrides):
+        """The scheduler saved in ``path`` (a folder holding ``scheduler_config.json``) as ``cls``."""
+        return cls(**{**_read_config(path, cls), **overrides})
+
+
+def _read_config(path: str | Path, cls) -> dict:
+    f = Path(path) / CONFIG_NAME
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: no scheduler config (expected a folder written by save_pretrained)")
+    try:
         cfg = json.loads(f.read_text())
-        cfg.pop("_class", None)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    cfg.pop("_class", None)
+    if cls is not DDIMScheduler:
         cfg.pop("eta", None)
-        return cls(**cfg)
+    return cfg
 
 
-class DDPMScheduler(_Base):
-    """Ancestral DDPM sampling (Ho et al. 2020), 300 steps and the cosine schedule by default (the release's)."""
+class DDPMScheduler(_Scheduler):
+    """Ancestral DDPM sampling (Ho et al. 2020), 300 steps and the cosine schedule by default (the release's).
 
-    kind = "ddpm"
+    With ``set_timesteps(n < T)`` each step uses the posterior between the two listed noise levels
+    (beta = 1 - a_t / a_prev; "respacing", Nichol & Dhariwal 2021); with all T steps it is the usual chain.
+    """
 
-    def _make(self, n, schedule, clip, pred, args):
-        return _MonaiDDPM(num_train_timesteps=n, schedule=schedule, clip_sample=clip, prediction_type=pred, **args)
+    def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor,
+             generator: Generators = None) -> torch.Tensor:
+        """One reverse step ``x_t -> x_prev ~ q(x_prev | x_t, x0_pred)``.
 
-    def _step_one(self, model_output, timestep, sample, generator):
-        return self._impl.step(model_output, timestep, sample, generator=generator)[0]
+        Args:
+            model_output: (B, ...) the model's prediction (epsilon, x0 or v, per ``prediction_type``).
+            timestep: the current t (int, 0-dim or (B,) long tensor); the step lands on the next timestep
+                of ``timesteps`` (clean at the last one, where no noise is added: the variance is 0).
+            sample: (B, ...) float x_t.
+            generator: a generator, one per sample (list), or None (global RNG). Noise is drawn at every
+                step, the last included, so the random stream does not depend on t.
+        Returns:
+            (B, ...) x_prev in the sample's dtype, on its device.
+        """
+        dt = self._compute_dtype(sample)
+        abar, abar_prev = self._tables(sample.device, dt)
+        a_t = _expand(self._index(abar, timestep), sample.ndim)
+        a_p = _expand(self._index(abar_prev, timestep), sample.ndim)
+        x = sample.to(dt)
+        x0, _ = self._x0_eps(model_output.to(dt), x, a_t)
+        beta = 1 - a_t / a_p
+        mean = (a_p.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_p) / (1 - a_t)) * x
+        var = (1 - a_p) / (1 - a_t) * beta
+        noise = _randn_like(x, generator)
+        return (mean + var.sqrt() * noise).to(sample.dtype)
 
 
-class DDIMScheduler(_Base):
-    """DDIM (Song et al. 2021): few-step sampling of a model trained with DDPM; ``eta=0`` is deterministic."""
-
-    kind = "ddim"
+class DDIMScheduler(_Scheduler):
+    """DDIM (Song et al. 2021): few-step sampling of a model trained with DDPM; ``eta=0`` is deterministic,
+    ``eta=1`` with all T steps is the DDPM chain."""
 
     def __init__(self, *, eta: float = 0.0, **kwargs):
         super().__init__(**kwargs)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = float(eta)
 
-    def _make(self, n, schedule, clip, pred, args):
-        return _MonaiDDIM(num_train_timesteps=n, schedule=schedule, clip_sample=clip, prediction_type=pred,
-                          set_alpha_to_one=True, **args)
+    def _saved_config(self) -> dict:
+        return {**super()._saved_config(), "eta": self.eta}
 
-    def _step_one(self, model_output, timestep, sample, generator):
-        return self._impl.step(model_output, timestep, sample, eta=self.eta, generator=generator)[0]
+    def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor,
+             generator: Generators = None) -> torch.Tensor:
+        """One DDIM step (eq. 12 of Song et al.) from t to the next timestep of ``timesteps``.
+
+        Shapes and arguments as ``DDPMScheduler.step``; no random numbers are drawn when ``eta == 0``."""
+        dt = self._compute_dtype(sample)
+        abar, abar_prev = self._tables(sample.device, dt)
+        a_t = _expand(self._index(abar, timestep), sample.ndim)
+        a_p = _expand(self._index(abar_prev, timestep), sample.ndim)
+        x = sample.to(dt)
+        x0, eps = self._x0_eps(model_output.to(dt), x, a_t)
+        prev = a_p.sqrt() * x0
+        if self.eta > 0:
+            sigma = self.eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).sqrt()
+            prev = prev + (1 - a_p - sigma**2).clamp_min(0).sqrt() * eps + sigma * _randn_like(x, generator)
+        else:
+            prev = prev + (1 - a_p).sqrt() * eps
+        return prev.to(sample.dtype)
 
 
 def load_scheduler(path: str | Path, sampler: str = "ddpm", **overrides):
@@ -125,7 +294,4 @@ def load_scheduler(path: str | Path, sampler: str = "ddpm", **overrides):
     cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}.get(sampler)
     if cls is None:
         raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
-    cfg = json.loads((Path(path) / CONFIG_NAME).read_text())
-    cfg.pop("_class", None)
-    cfg.pop("eta", None)
-    return cls(**cfg, **overrides)
+    return cls.from_pretrained(path, **overrides)

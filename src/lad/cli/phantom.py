@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--preview", action="store_true", help="also write preview.png (a montage of a few subjects)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    from lad.cli import add_common_flags
+
+    add_common_flags(p)
     p.set_defaults(func=run)
 
 

@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=int, help="window depth D")
     p.add_argument("--stride", type=int, help="window stride along z (default D/2)")
     p.add_argument("--organ", choices=["liver", "kidney", "spleen", "pancreas"], help="organ of interest (default pancreas)")
-    p.add_argument("--require", help="comma-separated organs that must be present and complete, e.g. liver,kidney,spleen,pancreas")
+    p.add_argument("--require", nargs="+", metavar="ORGAN",
+                   help="organs that must be present and not cut short by the scan (else the volume is dropped), "
+                   "e.g. liver,kidney,spleen,pancreas (the paper's TotalSegmentator filter)")
     p.add_argument("--label-map", help="pairs layout: organ=value list, e.g. liver=5,spleen=1,kidney=2+3,pancreas=7,tumor=9")
     p.add_argument("--priors", help="folder of predicted label maps (<case_id>.nii.gz) for cases without labels")
     p.add_argument("--split", type=float, help="training fraction by patient (default 0.8)")
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {
         "spacing": args.spacing, "size": args.size, "depth": args.depth, "stride": args.stride, "organ": args.organ,
-        "require": [s.strip() for s in args.require.split(",") if s.strip()] if args.require else None,
+        "require": [o.strip() for part in args.require for o in part.split(",") if o.strip()] if args.require else None,
         "split": args.split, "seed": args.seed,
     }
     cfg = load_prepare_config(args.preset, overrides)

@@ -24,10 +24,17 @@ class PreparedDataset(torch.utils.data.Dataset):
     * ``organs``: ``(1, D, H, W)`` uint8 (0 background, 1 liver, 2 kidney, 3 spleen, 4 pancreas, 5 tumour);
     * ``affine``: ``(4, 4)`` float64 mapping ``(d, h, w, 1)`` to RAS millimetres;
     * ``meta``: the window's manifest entry (id, patient, split, z_range, provenance).
+
+    ``split``: "train", "test" or None (all windows). ``organ_labels=False`` leaves ``organs`` out of
+    the items (the trainers that only need the Lad mask read less). Each patient's arrays are opened
+    once, lazily, with ``np.load(mmap_mode="r")``; DataLoader workers open their own.
+    Attributes: ``windows`` (manifest entries of this split), ``fingerprint``, ``config`` (the resolved
+    prepare config), ``shape`` ``(D, H, W)``, ``manifest``.
     """
 
-    def __init__(self, path: str | Path, split: str | None = "train"):
+    def __init__(self, path: str | Path, split: str | None = "train", *, organ_labels: bool = True):
         self.path = Path(path)
+        self.organ_labels = bool(organ_labels)
         manifest_path = self.path / "manifest.json"
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: prepared dataset folder does not exist")
@@ -37,8 +44,11 @@ class PreparedDataset(torch.utils.data.Dataset):
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{manifest_path}: corrupt manifest ({e})") from None
-        if self.manifest.get("format") != "lad-prepared":
-            raise ValueError(f"{manifest_path}: not a lad prepared-dataset manifest")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != "lad-prepared":
+            raise ValueError(f"{manifest_path}: not a lad prepared-dataset manifest (format is not 'lad-prepared')")
+        missing = [k for k in ("config", "windows", "splits") if k not in self.manifest]
+        if missing:
+            raise ValueError(f"{manifest_path}: incomplete manifest, missing {missing}")
         if split not in ("train", "test", None):
             raise ValueError(f"split must be 'train', 'test' or None, got {split!r}")
         self.split = split
@@ -73,23 +83,26 @@ class PreparedDataset(torch.utils.data.Dataset):
             self._arrays[pid] = arrays
         return arrays
 
-    def get_arrays(self, i: int) -> dict[str, Any]:
-        """Raw arrays of window ``i``: ``hu`` int16 (D, H, W), ``mask``, ``organs`` uint8, ``affine``, ``meta``."""
+    def get_arrays(self, i: int, *, organs: bool = True) -> dict[str, Any]:
+        """Raw arrays of window ``i``: ``hu`` int16 (D, H, W) HU, ``mask`` / ``organs`` uint8 (D, H, W)
+        (``organs`` None when not asked for), ``affine`` (4, 4) float64, ``meta`` (manifest entry)."""
         w = self.windows[i]
         a = self._patient(w["patient"])
         k = w["index"]
-        return {"hu": np.asarray(a["image"][k]), "mask": np.asarray(a["mask"][k]), "organs": np.asarray(a["organs"][k]),
+        return {"hu": np.array(a["image"][k]), "mask": np.array(a["mask"][k]),
+                "organs": np.array(a["organs"][k]) if organs else None,
                 "affine": np.asarray(w["affine"], dtype=np.float64), "meta": w}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        r = self.get_arrays(i)
-        return {
-            "image": hu_to_unit(r["hu"])[None],
-            "mask": r["mask"][None].copy(),
-            "organs": r["organs"][None].copy(),
-            "affine": r["affine"],
-            "meta": r["meta"],
-        }
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        r = self.get_arrays(i, organs=self.organ_labels)
+        item = {"image": hu_to_unit(r["hu"])[None], "mask": r["mask"][None]}
+        if self.organ_labels:
+            item["organs"] = r["organs"][None]
+        item["affine"] = r["affine"]
+        item["meta"] = dict(r["meta"])
+        return item
 
     def __getstate__(self):  # DataLoader workers re-open their own memory maps
         state = self.__dict__.copy()

@@ -26,7 +26,15 @@ def _pct(values: np.ndarray) -> dict[str, float] | None:
 
 
 def compute_fingerprint(root: Path, manifest: dict[str, Any], metas: dict[str, dict]) -> dict[str, Any]:
-    """Fingerprint of a prepared dataset from its training windows (all windows if none are training)."""
+    """Fingerprint of a prepared dataset from its training patients' windows (all if none trains).
+
+    Keys: ``n_patients`` / ``n_windows`` per split, ``window_shape`` (D, H, W), ``target_spacing``
+    (x, y, z mm), ``source_spacing`` and ``resampled_shape`` (D, H, W before the in-plane crop)
+    median/min/max, ``hu_percentiles`` (0.5/5/50/95/99.5 HU over the windows; up to 50,000 voxels
+    drawn per patient with a fixed seed) and ``hu_percentiles_per_organ`` (inside each organ's label),
+    ``label_voxels`` (voxels per label summed over the training windows; overlapping windows count a
+    voxel once per window), ``computed_from``.
+    """
     rng = np.random.default_rng(0)
     train = [cid for cid, m in metas.items() if m["split"] == "train"] or list(metas)
     hu_all: list[np.ndarray] = []
@@ -43,8 +51,8 @@ def compute_fingerprint(root: Path, manifest: dict[str, Any], metas: dict[str, d
             sel = flat_i[flat_o == k]
             if sel.size:
                 per_organ[k].append(sel[rng.integers(0, sel.size, size=min(sel.size, _MAX_VOXELS_PER_ORGAN // max(1, len(train))))])
-    spacings = np.array([m["source_spacing"] for m in metas.values()]) if metas else np.zeros((0, 3))
-    shapes = np.array([m["resampled_shape"] for m in metas.values()]) if metas else np.zeros((0, 3))
+    spacings = np.array([metas[c]["source_spacing"] for c in train]) if train else np.zeros((0, 3))
+    shapes = np.array([metas[c]["resampled_shape"] for c in train]) if train else np.zeros((0, 3))
     windows = manifest["windows"]
     return {
         "n_patients": {s: len(v) for s, v in manifest["splits"].items()},

@@ -89,24 +89,30 @@ def read_image(path: str | Path) -> sitk.Image:
     return img
 
 
-def canonicalize(img: sitk.Image) -> sitk.Image:
-    """Reorient to the canonical orientation (ITK "LPS", identity direction); array becomes (D, H, W)."""
+def canonicalize(img: sitk.Image, *, is_label: bool = False) -> sitk.Image:
+    """Reorient to the canonical orientation (ITK "LPS", identity direction); array becomes (D, H, W).
+
+    Axis flips / permutations are exact (``DICOMOrient``, no interpolation). An oblique volume is
+    resampled onto the enclosing axis-aligned grid at its own spacing: linear with -1000 HU outside
+    for images, nearest neighbour with 0 outside when ``is_label`` (or the pixel type is 8-bit).
+    """
     out = sitk.DICOMOrient(img, "LPS")
     direction = np.asarray(out.GetDirection()).reshape(3, 3)
     if not np.allclose(direction, np.eye(3), atol=1e-4):
         # oblique acquisitions: DICOMOrient picks the closest axes; resample onto an axis-aligned grid
-        out = _resample_axis_aligned(out)
+        out = _resample_axis_aligned(out, is_label=is_label)
     return out
 
 
-def _resample_axis_aligned(img: sitk.Image) -> sitk.Image:
+def _resample_axis_aligned(img: sitk.Image, *, is_label: bool) -> sitk.Image:
     size = np.asarray(img.GetSize())
     corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)], float)
     pts = np.array([img.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
     spacing = np.asarray(img.GetSpacing())
     lo, hi = pts.min(0), pts.max(0)
     new_size = np.maximum(1, np.round((hi - lo) / spacing).astype(int) + 1)
-    interp = sitk.sitkNearestNeighbor if img.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8) else sitk.sitkLinear
+    nearest = is_label or img.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8)
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
     return sitk.Resample(img, [int(s) for s in new_size], sitk.Transform(), interp, lo.tolist(), spacing.tolist(),
                          np.eye(3).ravel().tolist(), -1000.0 if interp == sitk.sitkLinear else 0.0, img.GetPixelID())
 
@@ -126,6 +132,8 @@ def affine_dhw_to_ras(img: sitk.Image) -> np.ndarray:
 def image_from_array(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
     """Inverse of ``GetArrayFromImage`` + ``affine_dhw_to_ras``: a SimpleITK image with that geometry."""
     array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
     if array.ndim != 3:
         raise ValueError(f"expected a (D, H, W) array, got shape {array.shape}")
     affine = np.asarray(affine, dtype=np.float64)
@@ -159,8 +167,26 @@ def _physical_bounds(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return pts.min(0), pts.max(0)
 
 
+def _integer_label(label: sitk.Image, label_path: Path) -> sitk.Image:
+    """Float label files (common) must hold whole numbers; they become Int32. Integer types are kept."""
+    if label.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return label
+    arr = sitk.GetArrayViewFromImage(label)
+    frac = np.unique(arr[arr != np.round(arr)])
+    if frac.size:
+        raise CaseError(f"{label_path}: label map holds non-integer values {frac[:5].tolist()} (is this an image, not a label?)")
+    return sitk.Cast(label, sitk.sitkInt32)
+
+
 def align_label(label: sitk.Image, image: sitk.Image, *, label_path: Path, image_path: Path) -> sitk.Image:
-    """Bring ``label`` onto ``image``'s grid (nearest neighbour) after checking they cover the same space."""
+    """Bring ``label`` onto ``image``'s grid (nearest neighbour) after checking they cover the same space.
+
+    ``label`` may have any grid and orientation; the result has exactly ``image``'s size, spacing,
+    origin and direction and keeps the label's integer pixel type (float labels -> Int32, values are
+    never wrapped by a cast), 0 outside the label's grid. Raises ``CaseError`` naming ``label_path``
+    when the physical extents differ by more than max(1 voxel, 1 mm) on a side.
+    """
+    label = _integer_label(label, label_path)
     same_grid = (
         label.GetSize() == image.GetSize()
         and np.allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-4)
@@ -168,7 +194,9 @@ def align_label(label: sitk.Image, image: sitk.Image, *, label_path: Path, image
         and np.allclose(label.GetDirection(), image.GetDirection(), atol=1e-4)
     )
     if same_grid:
-        return sitk.Cast(label, sitk.sitkUInt8)
+        out = sitk.Image(label)
+        out.CopyInformation(image)  # remove sub-tolerance differences: exactly the image grid
+        return out
     lo_i, hi_i = _physical_bounds(image)
     lo_l, hi_l = _physical_bounds(label)
     tol = np.maximum(np.maximum(image.GetSpacing(), label.GetSpacing()), 1.0)
@@ -179,7 +207,7 @@ def align_label(label: sitk.Image, image: sitk.Image, *, label_path: Path, image
             f"image {np.round(lo_i, 1).tolist()}..{np.round(hi_i, 1).tolist()} mm, LPS)"
         )
     log.debug("%s: resampling label onto the image grid of %s", label_path, image_path)
-    return sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
+    return sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, label.GetPixelID())
 
 
 @dataclasses.dataclass
@@ -200,6 +228,8 @@ def _map_labels(arr: np.ndarray, label_map: dict[int, int] | None, path: Path, a
         if bad:
             raise CaseError(f"{path}: unexpected label values {bad[:10]} (expected {sorted(allowed)})")
         return arr.astype(np.uint8)
+    if np.any(arr < 0):
+        raise CaseError(f"{path}: negative label values {sorted(v for v in values if v < 0)[:10]}")
     lut_out = np.zeros(arr.shape, np.uint8)
     unmapped = sorted(v for v in values if v != 0 and v not in label_map)
     if unmapped:
@@ -219,14 +249,19 @@ def load_case(spec: "CaseSpec") -> LoadedCase:
     from lad.data.labels import ORGAN_LABELS
 
     raw = read_image(spec.image)
-    source_spacing = tuple(float(s) for s in raw.GetSpacing())
     image = sitk.Cast(canonicalize(raw), sitk.sitkFloat32)
+    # acquisition spacing along the canonical (x, y, z) axes (a permuted file's spacing is reordered)
+    axis_of = np.abs(np.asarray(raw.GetDirection()).reshape(3, 3)).argmax(axis=0)  # file axis -> physical axis
+    spacing = raw.GetSpacing()
+    if sorted(axis_of) == [0, 1, 2]:
+        spacing = [spacing[int(np.flatnonzero(axis_of == j)[0])] for j in range(3)]
+    source_spacing = tuple(float(s) for s in spacing)
     organs = None
     if spec.labels is not None:
         if isinstance(spec.labels, dict):
             arr = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
             for name, f in spec.labels.items():
-                lab = align_label(canonicalize(read_image(f)), image, label_path=Path(f), image_path=Path(spec.image))
+                lab = align_label(canonicalize(read_image(f), is_label=True), image, label_path=Path(f), image_path=Path(spec.image))
                 a = sitk.GetArrayViewFromImage(lab)
                 values = set(np.unique(a).tolist())
                 if not values <= {0, 1}:
@@ -234,7 +269,7 @@ def load_case(spec: "CaseSpec") -> LoadedCase:
                 arr[a > 0] = ORGAN_LABELS[name.split("#")[0]]
         else:
             path = Path(spec.labels)
-            lab = align_label(canonicalize(read_image(path)), image, label_path=path, image_path=Path(spec.image))
+            lab = align_label(canonicalize(read_image(path), is_label=True), image, label_path=path, image_path=Path(spec.image))
             arr = _map_labels(sitk.GetArrayFromImage(lab), spec.label_map, path, set(range(6)))
         if not arr.any():
             where = spec.labels if not isinstance(spec.labels, dict) else Path(next(iter(spec.labels.values()))).parent

@@ -28,13 +28,14 @@ __all__ = ["CaseSpec", "LAYOUTS", "discover_cases", "parse_label_map", "TOTALSEG
 
 LAYOUTS = ("abdomenct1k", "totalsegmentator", "msd", "pairs")
 
-# TotalSegmentator structure file -> our organ label name (later entries win on overlap)
+# TotalSegmentator structure file -> our organ label name, in organ-label order (liver 1, kidney 2,
+# spleen 3, pancreas 4): a voxel claimed by two files takes the LATER entry's label.
 TOTALSEG_STRUCTURES: dict[str, str] = {
     "liver": "liver",
-    "spleen": "spleen",
     "kidney_left": "kidney",
     "kidney_right": "kidney",
     "kidney": "kidney",
+    "spleen": "spleen",
     "pancreas": "pancreas",
 }
 

@@ -24,7 +24,7 @@ from lad.data.labels import HU_MAX, HU_MIN, ORGAN_LABELS, ORGAN_NAMES, lad_mask_
 from lad.utils.atomic import OutputExistsError, atomic_dir, write_json
 from lad.utils.log import get_logger, progress
 
-__all__ = ["PrepareConfig", "prepare_dataset", "load_prepare_config", "process_case", "window_starts", "export_window", "DropCase"]
+__all__ = ["PrepareConfig", "prepare_dataset", "load_prepare_config", "process_case", "window_starts", "export_window", "DropCase", "split_patients"]
 
 log = get_logger(__name__)
 
@@ -52,6 +52,9 @@ class PrepareConfig:
     split: float = 0.8
     """Fraction of patients in the training split (by patient, never by window)."""
     seed: int = 0
+    """Seed of the patient split (applied to the sorted list of all discovered patient ids)."""
+    hu_clip: tuple[float, float] = (HU_MIN, HU_MAX)
+    """HU range kept (paper: [-1000, 400]); must lie inside [-1000, 400], the range ``hu_to_unit`` maps to [0, 1]."""
     body_threshold_hu: float = -500.0
     """Voxels above this HU count as body when centring the in-plane crop."""
 
@@ -65,6 +68,11 @@ class PrepareConfig:
             raise ValueError("depth, size and spacing must be positive")
         if not 0.0 < self.split <= 1.0:
             raise ValueError(f"split must be in (0, 1], got {self.split}")
+        lo, hi = self.hu_clip
+        if not HU_MIN <= lo < hi <= HU_MAX:
+            raise ValueError(f"hu_clip must satisfy {HU_MIN} <= low < high <= {HU_MAX}, got {list(self.hu_clip)}")
+        if self.stride < 0:
+            raise ValueError(f"stride must be >= 0 (0 means depth // 2), got {self.stride}")
 
     @property
     def window_stride(self) -> int:
@@ -97,16 +105,18 @@ def window_starts(z0: int, z1: int, depth: int, stride: int, n_slices: int) -> l
 
 
 def _resample(img, spacing, interp, default):
+    """Resample ``img`` to ``spacing`` (x, y, z) mm on a grid with the same origin and direction.
+
+    The new grid covers the same physical extent (``round(size * old / new)`` voxels per axis), so
+    the affine of the result (``affine_dhw_to_ras``) is exact: no voxel is shifted.
+    """
     import SimpleITK as sitk
 
-    old_sp = np.asarray(img.GetSpacing())
+    old_sp = np.asarray(img.GetSpacing(), dtype=float)
     old_size = np.asarray(img.GetSize())
     new_sp = np.asarray(spacing, dtype=float)
     new_size = np.maximum(1, np.round(old_size * old_sp / new_sp).astype(int))
-    # keep the physical centre of the grid fixed
-    centre_old = img.TransformContinuousIndexToPhysicalPoint(((old_size - 1) / 2.0).tolist())
-    origin = np.asarray(centre_old) - np.asarray(img.GetDirection()).reshape(3, 3) @ ((new_size - 1) / 2.0 * new_sp)
-    return sitk.Resample(img, [int(s) for s in new_size], sitk.Transform(), interp, origin.tolist(), new_sp.tolist(),
+    return sitk.Resample(img, [int(s) for s in new_size], sitk.Transform(), interp, img.GetOrigin(), new_sp.tolist(),
                          img.GetDirection(), default, img.GetPixelID())
 
 
@@ -149,6 +159,8 @@ def process_case(spec, cfg: PrepareConfig, out_root: Path, split: str) -> dict[s
     hu = sitk.GetArrayFromImage(image)
     lab = sitk.GetArrayFromImage(organs).astype(np.uint8)
     label_file = str(spec.labels if not isinstance(spec.labels, dict) else Path(next(iter(spec.labels.values()))).parent)
+    if hu.shape[0] < cfg.depth:
+        raise DropCase(str(spec.image), f"volume has {hu.shape[0]} slices at {cfg.spacing[2]} mm, fewer than one window of {cfg.depth}")
 
     for organ in cfg.require:
         zs = np.flatnonzero((lab == ORGAN_LABELS[organ]).any(axis=(1, 2)))
@@ -160,9 +172,8 @@ def process_case(spec, cfg: PrepareConfig, out_root: Path, split: str) -> dict[s
     organ_z = np.flatnonzero(((lab == organ_id) | (lab == ORGAN_LABELS["tumor"])).any(axis=(1, 2)))
     if organ_z.size == 0:
         raise DropCase(label_file, f"organ of interest {cfg.organ} not present")
-    if hu.shape[0] < cfg.depth:
-        raise DropCase(str(spec.image), f"volume has {hu.shape[0]} slices at {cfg.spacing[2]} mm, fewer than one window of {cfg.depth}")
 
+    resampled_shape = [int(x) for x in hu.shape]
     # in-plane crop/pad centred on the body's bounding box
     body = (hu > cfg.body_threshold_hu).any(axis=0)
     if body.any():
@@ -171,7 +182,8 @@ def process_case(spec, cfg: PrepareConfig, out_root: Path, split: str) -> dict[s
     else:
         ch, cw = hu.shape[1] // 2, hu.shape[2] // 2
     sh, sw = ch - cfg.size[0] // 2, cw - cfg.size[1] // 2
-    hu = _crop_pad_hw(np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16), sh, sw, cfg.size, np.int16(HU_MIN))
+    lo, hi = cfg.hu_clip
+    hu = _crop_pad_hw(np.clip(np.rint(hu), lo, hi).astype(np.int16), sh, sw, cfg.size, np.int16(lo))
     lab = _crop_pad_hw(lab, sh, sw, cfg.size, np.uint8(0))
     affine = _translate(affine, 0, sh, sw)
 
@@ -205,7 +217,8 @@ def process_case(spec, cfg: PrepareConfig, out_root: Path, split: str) -> dict[s
         "patient": spec.case_id,
         "split": split,
         "source_spacing": list(case.source_spacing),
-        "resampled_shape": [int(x) for x in (lab.shape[0], *cfg.size)],
+        "resampled_shape": resampled_shape,  # (D, H, W) after resampling, before the in-plane crop/pad
+        "crop_start_hw": [int(sh), int(sw)],
         "windows": windows,
     }
     final = out_root / "patients" / spec.case_id
@@ -217,11 +230,34 @@ def process_case(spec, cfg: PrepareConfig, out_root: Path, split: str) -> dict[s
     return meta
 
 
-def _split(ids: list[str], fraction: float, seed: int) -> dict[str, str]:
+def split_patients(ids: list[str], fraction: float, seed: int) -> dict[str, str]:
+    """Seeded train/test split by patient: ``{patient id: "train" | "test"}``.
+
+    Computed from the sorted ids and ``seed`` only, so re-running (or listing the cases in another
+    order) gives the same split; ``round(fraction * n)`` patients train, at least one of each when
+    ``n > 1`` and ``fraction < 1``.
+    """
+    ids = sorted(ids)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(ids))
-    n_train = len(ids) if fraction >= 1.0 else max(1, min(len(ids) - 1, int(round(fraction * len(ids))))) if len(ids) > 1 else len(ids)
+    n = len(ids)
+    n_train = n if fraction >= 1.0 or n < 2 else min(n - 1, max(1, int(round(fraction * n))))
     return {ids[i]: ("train" if rank < n_train else "test") for rank, i in enumerate(order)}
+
+
+def _settings_differ(path: Path, settings: dict[str, Any]) -> str:
+    """'' when ``path`` holds the same prepare settings, else a short description of what differs."""
+    if not path.exists():
+        return "it is not a prepared dataset: no prepare_settings.json"
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return f"{path.name} is unreadable"
+    new = json.loads(json.dumps(settings))
+    flat_old = {**{k: v for k, v in old.items() if k != "config"}, **old.get("config", {})}
+    flat_new = {**{k: v for k, v in new.items() if k != "config"}, **new["config"]}
+    keys = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
+    return ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in keys)
 
 
 def _worker(args):
@@ -230,6 +266,17 @@ def _worker(args):
         return spec.case_id, process_case(spec, cfg, out_root, split), None
     except DropCase as e:
         return spec.case_id, None, {"patient": spec.case_id, "file": e.file, "reason": e.reason}
+    except Exception as e:  # one broken case must not stop a 1000-patient run; it is reported, not cached
+        log.debug("unexpected error on %s", spec.case_id, exc_info=True)
+        return spec.case_id, None, {"patient": spec.case_id, "file": str(spec.image),
+                                    "reason": f"unexpected error {type(e).__name__}: {e}", "retry": True}
+
+
+def _init_worker() -> None:
+    """One ITK thread per pool worker: ``workers`` processes already use the cores."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
 def prepare_dataset(
@@ -243,7 +290,16 @@ def prepare_dataset(
     workers: int = 1,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prepare every case of ``input`` into ``output``; resumable; returns the manifest summary."""
+    """Prepare every case of ``input`` (``layout``) into ``output`` with ``config``; returns a summary.
+
+    Resumable: patients whose ``patients/<id>/meta.json`` exists are skipped, ``manifest.json`` and
+    ``fingerprint.json`` are rebuilt from all finished patients. An existing ``output`` written with
+    other settings raises ``OutputExistsError`` unless ``overwrite``. Cases that cannot be used are
+    dropped with their reason (manifest ``dropped``); the run goes on. Summary keys: patients, kept,
+    dropped, windows_train, windows_test, seconds.
+    """
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
     from lad.data.fingerprint import compute_fingerprint
     from lad.data.layouts import discover_cases
 
@@ -253,18 +309,23 @@ def prepare_dataset(
     settings = {"format": FORMAT, "version": VERSION, "layout": layout, "input": str(Path(input).resolve()),
                 "label_map": label_map, "priors": str(priors) if priors else None, "config": to_dict(config)}
     settings_path = out / "prepare_settings.json"
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
-        same = settings_path.exists() and json.loads(settings_path.read_text()) == json.loads(json.dumps(settings))
+        differs = _settings_differ(settings_path, settings)
         if overwrite:
             shutil.rmtree(out)
-        elif not same:
+        elif differs:
             raise OutputExistsError(
-                f"{out}: output folder exists with other settings (or is not a prepared dataset); "
+                f"{out}: output folder exists with other settings ({differs}); "
                 "pass --overwrite to replace it, or choose another --output"
             )
     out.mkdir(parents=True, exist_ok=True)
     write_json(settings_path, settings)
-    splits = _split([c.case_id for c in cases], config.split, config.seed)
+    for stale in (out / "patients").glob(".*.tmp"):  # a patient interrupted mid-write: never read, redone
+        log.info("%s: removing the unfinished folder of an interrupted run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    splits = split_patients([c.case_id for c in cases], config.split, config.seed)
 
     metas: dict[str, dict] = {}
     dropped: dict[str, dict] = {}
@@ -280,10 +341,10 @@ def prepare_dataset(
             todo.append((c, config, out, splits[c.case_id]))
     skipped = len(cases) - len(todo)
     if skipped:
-        log.info("%s: %d patient(s) already finished, %d to do", out, skipped, len(todo))
+        log.info("%s: %d patient(s) already done (finished or dropped), %d to do", out, skipped, len(todo))
     results = []
     if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
             for r in progress(pool.map(_worker, todo), total=len(todo), desc="prepare", unit="patient"):
                 results.append(r)
     else:
@@ -293,10 +354,15 @@ def prepare_dataset(
         if meta is not None:
             metas[cid] = meta
         else:
+            if drop.pop("retry", False) is False:  # unexpected errors are retried on the next run
+                write_json(out / "dropped" / f"{cid}.json", drop)
             dropped[cid] = drop
-            write_json(out / "dropped" / f"{cid}.json", drop)
             log.warning("dropped %s: %s: %s", cid, drop["file"], drop["reason"])
 
+    for cid, m in metas.items():  # the split comes from the current case list, not a finished patient's meta
+        m["split"] = splits[cid]
+        for w in m["windows"]:
+            w["split"] = splits[cid]
     windows = [w for cid in sorted(metas) for w in metas[cid]["windows"]]
     manifest = {
         "format": FORMAT,

@@ -19,7 +19,10 @@ import numpy as np
 
 from lad.data.labels import hu_to_unit
 from lad.evaluation.features import FeatureExtractor
-from lad.evaluation.metrics import (apply_box, fid, max_bounding_box, memorisation, mmd, pairwise_ms_ssim, prdc)
+from lad.evaluation.crops import apply_box, max_bounding_box
+from lad.evaluation.diversity import pairwise_ms_ssim
+from lad.evaluation.memorisation import memorisation_report
+from lad.evaluation.realism import fid, mmd, prdc
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger
 
@@ -126,7 +129,8 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
             "path": str(folder), "n": len(vols),
             "fid": r_fid.value, "mmd": r_mmd.value, "fid_localized": l_fid.value, "mmd_localized": l_mmd.value,
             "ms_ssim": div.value, "ms_ssim_pairs": div.n_a, "mmd_bandwidth": r_mmd.details["bandwidth"],
-            "prdc": prdc(f_real, f_syn), "memorisation": memorisation(f_syn, f_train, f_real),
+            "prdc": prdc(f_real, f_syn, k=min(5, len(f_real) - 1, len(f_syn) - 1)),
+            "memorisation": memorisation_report(f_syn, f_train, f_real),
             "hu_hist": {"organ": _hu_hist(vols, masks, lambda m: m == 1, bins)},
             "n_features_dim": r_fid.details["feature_dim"],
         }

@@ -1,129 +1,216 @@
-"""3D feature extractor for FID / MMD / PRDC / memorisation: MedicalNet's ResNet layout via MONAI.
+"""3D feature extractor for FID / MMD / PRDC / memorisation: MedicalNet's ResNet, built from MONAI.
 
 ``FeatureExtractor.from_spec("medicalnet-resnet50:/path/resnet_50_23dataset.pth")`` loads official
-MedicalNet weights from a local file (the ``module.`` prefix is stripped, the segmentation head
-``conv_seg.*`` ignored). ``"random-resnet10"`` (the default, no weights here) builds a fixed-seed
-random-initialised network: every number computed with it carries ``label`` saying so, and is
-only comparable with numbers from the same extractor. MedicalNet normalises each volume by the
-mean and standard deviation of its non-zero voxels; so do we.
+MedicalNet weights from a local file (``torch.load(weights_only=True)``, ``state_dict`` unwrapped, the
+``module.`` prefix stripped, the segmentation head ``conv_seg.*`` ignored; any other missing,
+unexpected or mis-shaped key is a ValueError naming the file). ``"random-resnet10"`` (the default:
+no weights can be downloaded here) builds a fixed-seed random-initialised network; its ``label`` says
+so and every number computed with it must carry that label: such numbers are comparable only with
+numbers from the same extractor, never with the paper's MedicalNet figures.
+
+Architecture (MedicalNet, Chen et al. 2019, ``models/resnet.py``): ``monai.networks.nets.resnetN`` with
+``spatial_dims=3, n_input_channels=1, feed_forward=False``, shortcut type and downsample bias from
+``monai.networks.nets.resnet.get_medicalnet_pretrained_resnet_args`` (tested by MONAI against the
+released files: 'A' for resnet18/34, 'B' for resnet10/50), first convolution 7^3 with stride 2, and
+layers 3 / 4 turned into MedicalNet's form (stride 1, dilation 2 / 4: MONAI's ResNet has no dilation
+argument, so the convolutions are changed after construction; the weights' shapes are unchanged).
+Output: global average pool of layer 4 -> 512 features (resnet10/18/34) or 2048 (resnet50).
+
+Preprocessing (MedicalNet ``itensity_normalize_one_volume``): per volume, subtract the mean and divide
+by the std of its non-zero voxels. MedicalNet's training loader then fills zero voxels with random
+noise; we keep them at their normalised value so features are deterministic.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
+from torch import nn
 
 from lad.utils.atomic import atomic_path
 from lad.utils.log import get_logger, progress
 
-__all__ = ["FeatureExtractor"]
+__all__ = ["FeatureExtractor", "build_medicalnet_resnet", "normalise_nonzero"]
 
 log = get_logger(__name__)
 
-_DEPTHS = (10, 18, 34, 50)
+DEPTHS = (10, 18, 34, 50)
+_RANGE_TOL = 1e-3
+
+
+def build_medicalnet_resnet(depth: int) -> nn.Module:
+    """MedicalNet's 3D ResNet-``depth`` trunk (no head) from MONAI blocks; random init from torch's global RNG.
+
+    Input ``(B, 1, D, H, W)`` float32; output ``(B, 512 or 2048)`` float32.
+    """
+    from monai.networks.nets import resnet
+
+    if depth not in DEPTHS:
+        raise ValueError(f"feature extractor depth must be one of {DEPTHS}, got {depth}")
+    bias_downsample, shortcut = resnet.get_medicalnet_pretrained_resnet_args(depth)
+    net = getattr(resnet, f"resnet{depth}")(spatial_dims=3, n_input_channels=1, feed_forward=False, conv1_t_size=7,
+                                            conv1_t_stride=2, shortcut_type=shortcut, bias_downsample=bias_downsample)
+    for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
+        for block in layer:
+            convs = [block.conv1, block.conv2] if isinstance(block, resnet.ResNetBlock) else [block.conv2]
+            for conv in convs:  # the 3x3x3 convolutions
+                conv.stride, conv.dilation, conv.padding = (1, 1, 1), (dilation,) * 3, (dilation,) * 3
+            block.stride = 1
+            if isinstance(block.downsample, nn.Sequential):  # shortcut B: 1x1x1 conv + norm
+                block.downsample[0].stride = (1, 1, 1)
+            elif isinstance(block.downsample, functools.partial):  # shortcut A: strided identity + zero channels
+                block.downsample = functools.partial(block.downsample.func, **{**block.downsample.keywords, "stride": 1})
+    return net
+
+
+def normalise_nonzero(x: torch.Tensor) -> torch.Tensor:
+    """Per volume: ``(x - mean) / (std + 1e-6)``, mean/std (ddof 0) of its non-zero voxels (of all voxels if fewer than 2 are non-zero).
+
+    ``x``: ``(B, 1, D, H, W)`` float; returns the same shape, float32.
+    """
+    x = x.float()
+    flat = x.reshape(len(x), -1)
+    nz = flat != 0
+    cnt = nz.sum(1, keepdim=True)
+    use_all = cnt < 2
+    w = torch.where(use_all, torch.ones_like(flat), nz.float())
+    n = w.sum(1, keepdim=True)
+    mean = (flat * w).sum(1, keepdim=True) / n
+    var = (((flat - mean) * w) ** 2).sum(1, keepdim=True) / n  # numpy's std (ddof 0), as MedicalNet
+    return ((flat - mean) / (var.sqrt() + 1e-6)).reshape(x.shape)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class FeatureExtractor:
-    """Global-average-pooled 3D ResNet features of volumes ``(B, 1, D, H, W)`` in [0, 1]."""
+    """Global-average-pooled 3D ResNet features of volumes ``(B, 1, D, H, W)`` in [0, 1].
 
-    def __init__(self, depth: int = 10, weights: str | Path | None = None, device: str = "cpu", seed: int = 0):
-        from monai.networks.nets import resnet
-        from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
+    Attributes: ``net`` (eval mode, on ``device``), ``depth``, ``feature_dim``, ``is_pretrained``,
+    ``label`` (carry it with every number), ``fingerprint`` (hash identifying the weights; cache key).
+    """
 
-        if depth not in _DEPTHS:
-            raise ValueError(f"feature extractor depth must be one of {_DEPTHS}, got {depth}")
-        bias_downsample, shortcut = get_medicalnet_pretrained_resnet_args(depth)
-        torch.manual_seed(seed)
-        self.net = getattr(resnet, f"resnet{depth}")(spatial_dims=3, n_input_channels=1, feed_forward=False,
-                                                     shortcut_type=shortcut, bias_downsample=bias_downsample)
+    def __init__(self, *, depth: int = 10, weights: str | Path | None = None, device: str | torch.device = "cpu", seed: int = 0):
+        with torch.random.fork_rng(devices=[]):  # fixed init without touching the caller's RNG
+            torch.manual_seed(seed)
+            self.net = build_medicalnet_resnet(depth)
+        self.depth = depth
+        self.feature_dim = 2048 if depth >= 50 else 512
         self.is_pretrained = weights is not None
         if weights is not None:
-            self._load(Path(weights))
-            self.label = f"MedicalNet resnet{depth} ({Path(weights).name})"
+            path = Path(weights)
+            self._load(path)
+            self.label = f"MedicalNet resnet{depth} ({path.name})"
+            self.fingerprint = _sha256_file(path)[:16]
         else:
-            self.label = f"random-init resnet{depth} (seed {seed}) - not MedicalNet; numbers comparable only with the same extractor"
+            self.label = f"random-init resnet{depth} (seed {seed}) — not MedicalNet; comparable only with the same extractor"
+            self.fingerprint = hashlib.sha256(f"{self.label}|torch {torch.__version__}".encode()).hexdigest()[:16]
         self.device = torch.device(device)
         self.net.to(self.device).eval()
 
     @classmethod
-    def from_spec(cls, spec: str = "random-resnet10", device: str = "cpu") -> "FeatureExtractor":
+    def from_spec(cls, spec: str = "random-resnet10", device: str | torch.device = "cpu") -> "FeatureExtractor":
+        """``"medicalnet-resnetN:/path/to/weights.pth"`` or ``"random-resnetN"`` (N in 10, 18, 34, 50)."""
         m = re.fullmatch(r"medicalnet-resnet(\d+):(.+)", spec)
         if m:
-            return cls(int(m.group(1)), weights=m.group(2), device=device)
+            return cls(depth=int(m.group(1)), weights=m.group(2), device=device)
         m = re.fullmatch(r"random-resnet(\d+)", spec)
         if m:
-            return cls(int(m.group(1)), device=device)
+            return cls(depth=int(m.group(1)), device=device)
         raise ValueError(f"--features: expected medicalnet-resnetN:/path/to/weights.pth or random-resnetN, got {spec!r}")
 
     def _load(self, path: Path) -> None:
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: MedicalNet weights not found")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: MedicalNet weights file not found")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for corrupt files
-            raise ValueError(f"{path}: unreadable weights file ({e})") from None
-        state = state.get("state_dict", state)
-        state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("conv_seg")}
+        except Exception as e:  # torch raises several types for corrupt or non-tensor files
+            raise ValueError(f"{path}: unreadable weights file ({type(e).__name__}: {e})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: not a MedicalNet state dict (got {type(state).__name__})")
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("conv_seg.")}
         own = self.net.state_dict()
-        missing = sorted(set(own) - set(state))
-        if missing or any(state[k].shape != own[k].shape for k in own):
-            raise ValueError(f"{path}: not a MedicalNet state dict for this ResNet depth (missing {missing[:3]})")
-        self.net.load_state_dict({k: state[k] for k in own})
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise ValueError(f"{path}: not a MedicalNet state dict for resnet{self.depth} "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {shapes[:3]}); "
+                             "check the depth in the spec matches the file")
+        self.net.load_state_dict(state)
 
-    @staticmethod
-    def normalise(x: torch.Tensor) -> torch.Tensor:
-        """Per volume: zero mean, unit std over its non-zero voxels (MedicalNet's preprocessing)."""
-        out = torch.empty_like(x)
-        for i in range(x.shape[0]):
-            v = x[i]
-            nz = v[v > 0]
-            mean, std = (nz.mean(), nz.std()) if nz.numel() > 1 else (v.mean(), v.std())
-            out[i] = (v - mean) / (std + 1e-6)
-        return out
-
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalise(x.float().to(self.device))).cpu()
+        """``x``: ``(B, 1, D, H, W)`` float in [0, 1] -> ``(B, feature_dim)`` float32 on CPU."""
+        return self.net(normalise_nonzero(x.to(self.device))).float().cpu()
 
-    def extract(self, volumes: Iterable[np.ndarray], n: int | None = None, batch_size: int = 4,
-                cache_dir: str | Path | None = None) -> np.ndarray:
-        """Features ``(N, F)`` of an iterable of ``(1, D, H, W)`` volumes in [0, 1]; cached per volume when asked."""
-        tag = hashlib.sha256(self.label.encode()).hexdigest()[:8]
-        feats: list[np.ndarray] = []
+    def cache_key(self, volume: np.ndarray) -> str:
+        """Cache file stem: hash of the volume's bytes, shape and dtype + this extractor's fingerprint."""
+        h = hashlib.sha256(volume.tobytes())
+        h.update(f"{volume.shape}{volume.dtype}".encode())
+        return f"{h.hexdigest()[:32]}_{self.fingerprint}"
+
+    def extract(self, volumes: Iterable[Any], batch_size: int = 4, cache_dir: str | Path | None = None,
+                n: int | None = None) -> np.ndarray:
+        """Features ``(N, feature_dim)`` float32 of ``(1, D, H, W)`` or ``(D, H, W)`` volumes in [0, 1].
+
+        Volumes are batched (consecutive volumes of equal shape); with ``cache_dir`` each volume's
+        features are read from / written atomically to ``<cache_dir>/<cache_key>.npy``. ``n``: total
+        for the progress bar when ``volumes`` has no ``len``.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if n is None and hasattr(volumes, "__len__"):
+            n = len(volumes)  # type: ignore[arg-type]
+        results: list[np.ndarray | None] = []
         pending: list[tuple[int, np.ndarray, Path | None]] = []
-        results: dict[int, np.ndarray] = {}
 
-        def flush():
+        def flush() -> None:
             if not pending:
                 return
-            f = self(torch.from_numpy(np.stack([p[1] for p in pending]))).numpy()
-            for (i, _, path), row in zip(pending, f):
+            feats = self(torch.from_numpy(np.stack([p[1] for p in pending]))).numpy()
+            for (i, _, path), row in zip(pending, feats):
                 results[i] = row
                 if path is not None:
                     with atomic_path(path, suffix=".npy") as tmp:
                         np.save(tmp, row)
             pending.clear()
 
-        count = 0
         for i, v in enumerate(progress(volumes, total=n, desc="features", unit="vol")):
-            v = np.asarray(v, dtype=np.float32)
+            v = np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v), dtype=np.float32)
+            if v.ndim == 3:
+                v = v[None]
+            if v.ndim != 4 or v.shape[0] != 1:
+                raise ValueError(f"volume {i}: expected (1, D, H, W) or (D, H, W), got shape {v.shape}")
+            lo, hi = float(v.min()), float(v.max())
+            if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL or not np.isfinite([lo, hi]).all():
+                raise ValueError(f"volume {i}: values in [{lo:.4g}, {hi:.4g}], expected [0, 1] (HU scaled by lad.data.labels.hu_to_unit)")
+            results.append(None)
             path = None
             if cache_dir is not None:
-                key = hashlib.sha256(v.tobytes()).hexdigest()[:24]
-                path = Path(cache_dir) / f"{key}_{tag}.npy"
+                path = Path(cache_dir) / f"{self.cache_key(v)}.npy"
                 if path.exists():
                     results[i] = np.load(path)
-                    count += 1
                     continue
+            if pending and pending[0][1].shape != v.shape:
+                flush()
             pending.append((i, v, path))
-            count += 1
             if len(pending) >= batch_size:
                 flush()
         flush()
-        feats = [results[i] for i in range(count)]
-        return np.stack(feats) if feats else np.zeros((0, 0), np.float32)
+        if not results:
+            return np.zeros((0, self.feature_dim), np.float32)
+        return np.stack(results).astype(np.float32)  # type: ignore[arg-type]

@@ -1,6 +1,21 @@
-"""Classifier-free guidance (paper eq. 4) and the diffusion training objective."""
+"""Classifier-free guidance (paper 3.4.2, eq. 4) and the diffusion training objective.
+
+Training drops the condition to the learned null condition with probability ``p_uncond`` (0.25);
+sampling combines the two predictions as eq. (4):
+
+    eps = (1 + w) * eps(z_t, c) - w * eps(z_t, null)
+
+(note: *not* the ``eps_u + w (eps_c - eps_u)`` convention; with that one w = 1 would be the plain
+conditional prediction, here w = 1 doubles the conditional direction).
+
+Random draws use the caller's ``torch.Generator`` on that generator's device (the trainer's per-step
+generator is a CPU one, so a run draws the same numbers on CPU and CUDA); results are moved to the
+data's device.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -8,41 +23,65 @@ import torch.nn.functional as F
 __all__ = ["drop_condition", "guided_epsilon", "diffusion_loss"]
 
 
+def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
+    return generator.device if generator is not None else like.device
+
+
 def drop_condition(cond: torch.Tensor, null_cond: torch.Tensor, p_uncond: float = 0.25,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each row of ``cond`` (B, K) by the learned ``null_cond`` (K,) with probability ``p_uncond``."""
-    drop = torch.rand(cond.shape[0], generator=generator, device="cpu").to(cond.device) < p_uncond
+    """Replace each row of ``cond`` by ``null_cond`` with probability ``p_uncond`` (independently per row).
+
+    ``cond``: (B, K) float; ``null_cond``: (K,) (the extractor's learned parameter: gradients flow into
+    it through the dropped rows). One uniform number per row is drawn from ``generator``.
+    Returns (B, K), same dtype and device as ``cond``.
+    """
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond!r}")
+    if cond.ndim != 2 or null_cond.shape != cond.shape[1:]:
+        raise ValueError(f"need cond (B, K) and null_cond (K,), got {tuple(cond.shape)} and {tuple(null_cond.shape)}")
+    u = torch.rand(cond.shape[0], generator=generator, device=_draw_device(generator, cond))
+    drop = (u < p_uncond).to(cond.device)
     return torch.where(drop[:, None], null_cond.to(cond.dtype).expand_as(cond), cond)
 
 
-def guided_epsilon(denoiser, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+def guided_epsilon(denoiser: Callable[..., torch.Tensor], z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
                    null_cond: torch.Tensor | None, guidance_scale: float = 1.0) -> torch.Tensor:
-    """eq. (4): ``(1 + w) * eps(z, c) - w * eps(z, null)``, both passes in one batched forward.
+    """Guided noise prediction, eq. (4): ``(1 + w) * eps(z_t, c) - w * eps(z_t, null)``.
 
-    ``w = 0`` returns the conditional prediction; an unconditional model (``cond`` None) is called plainly.
+    ``z_t``: (B, C, *spatial) float; ``t``: (B,) long (or a scalar, broadcast); ``cond``: (B, K) or None
+    for an unconditional denoiser (then a plain forward); ``null_cond``: (K,). ``w = 0`` returns the
+    conditional prediction (one forward of batch B); otherwise both predictions come from ONE forward
+    of batch 2B (conditional rows first). Returns eps (B, C, *spatial).
     """
+    b = z_t.shape[0]
+    t = t.reshape(-1).expand(b) if t.numel() == 1 else t
     if cond is None:
         return denoiser(z_t, t, None)
     if guidance_scale == 0:
         return denoiser(z_t, t, cond)
-    b = z_t.shape[0]
-    eps = denoiser(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, null_cond.expand_as(cond)]))
+    if null_cond is None:
+        raise ValueError("guidance_scale != 0 needs the null condition (ConditionExtractor.null_cond)")
+    null = null_cond.to(cond.dtype).expand_as(cond)
+    eps = denoiser(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([cond, null]))
     eps_c, eps_u = eps[:b], eps[b:]
-    return (1 + guidance_scale) * eps_c - guidance_scale * eps_u
+    return (1.0 + guidance_scale) * eps_c - guidance_scale * eps_u
 
 
-def diffusion_loss(denoiser, scheduler, z0: torch.Tensor, cond: torch.Tensor | None,
-                   generator: torch.Generator | None = None, loss: str = "l1"):
-    """Epsilon objective: t ~ U[0, T), z_t = add_noise(z0, eps, t), loss(denoiser(z_t, t, c), eps)."""
-    b = z0.shape[0]
-    t = torch.randint(0, scheduler.num_train_timesteps, (b,), generator=generator, device="cpu").to(z0.device)
-    noise = torch.randn(z0.shape, generator=generator, device="cpu").to(z0.device, z0.dtype)
+def diffusion_loss(denoiser: Callable[..., torch.Tensor], scheduler, z0: torch.Tensor, cond: torch.Tensor | None,
+                   generator: torch.Generator | None = None, loss: str = "l1") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Epsilon objective of one batch: ``t ~ U{0, ..., T-1}``, ``eps ~ N(0, I)``,
+    ``z_t = scheduler.add_noise(z0, eps, t)``, ``loss(denoiser(z_t, t, cond), eps)`` (mean over all elements).
+
+    ``z0``: (B, C, *spatial) float (scaled latent); ``cond``: (B, K) or None; ``scheduler`` needs
+    ``num_train_timesteps`` and ``add_noise``; ``loss``: "l1" (the release) or "l2".
+    Returns (scalar loss, logs) with logs = {"diffusion": the detached loss}.
+    """
+    if loss not in ("l1", "l2"):
+        raise ValueError(f"loss must be 'l1' or 'l2', got {loss!r}")
+    b, dev = z0.shape[0], _draw_device(generator, z0)
+    t = torch.randint(0, int(scheduler.num_train_timesteps), (b,), generator=generator, device=dev).to(z0.device)
+    noise = torch.randn(z0.shape, generator=generator, device=dev).to(z0.device, z0.dtype)
     z_t = scheduler.add_noise(z0, noise, t)
     pred = denoiser(z_t, t, cond)
-    if loss == "l1":
-        value = F.l1_loss(pred, noise)
-    elif loss == "l2":
-        value = F.mse_loss(pred, noise)
-    else:
-        raise ValueError(f"loss must be l1 or l2, got {loss!r}")
+    value = F.l1_loss(pred.float(), noise.float()) if loss == "l1" else F.mse_loss(pred.float(), noise.float())
     return value, {"diffusion": value.detach()}

@@ -10,6 +10,7 @@ it): a random-initialised backbone is never used.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -24,16 +25,19 @@ log = get_logger(__name__)
 # torchvision vgg16 "features": conv channel counts, "M" = max-pool; stage ends after these ReLU indices
 VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 _STAGE_ENDS = (3, 8, 15, 22, 29)
+# an LPIPS checkpoint keeps torchvision's layer indices inside net.slice1..5
+_SLICE_KEY = re.compile(r"^(?:net\.)?slice[1-5]\.(\d+\.(?:weight|bias))$")
 
 
-def _vgg16_features() -> nn.Sequential:
+def _vgg16_features(device: str | torch.device | None = None) -> nn.Sequential:
+    """torchvision's ``vgg16().features`` layout; ``device="meta"`` builds it without initialising weights."""
     layers: list[nn.Module] = []
     cin = 3
     for v in VGG16_CFG:
         if v == "M":
             layers.append(nn.MaxPool2d(2, 2))
         else:
-            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=False)]
+            layers += [nn.Conv2d(cin, v, 3, padding=1, device=device), nn.ReLU(inplace=False)]
             cin = v
     return nn.Sequential(*layers)
 
@@ -46,7 +50,7 @@ class PerceptualLoss(nn.Module):
         path = Path(weights_path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: perceptual-loss weights not found")
-        self.features = _vgg16_features()
+        self.features = _vgg16_features(device="meta")  # no random init: every weight comes from the file
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for corrupt files
@@ -55,16 +59,17 @@ class PerceptualLoss(nn.Module):
             state = state["state_dict"]
         wanted = {f"features.{k}" for k in self.features.state_dict()}
         found = {}
-        for key, value in state.items():
-            for prefix in ("", "net.slice", "module."):
-                k = key.removeprefix("module.")
-                if k in wanted:
-                    found[k] = value
-                    break
+        for key, value in state.items() if isinstance(state, dict) else ():
+            k = _SLICE_KEY.sub(r"features.\1", key.removeprefix("module."))  # LPIPS: net.sliceK.N.* -> features.N.*
+            if k in wanted:
+                found[k] = value
         missing = sorted(wanted - set(found))
         if missing:
             raise ValueError(f"{path}: not a VGG16 state dict in torchvision layout (missing {missing[:3]}...)")
-        self.features.load_state_dict({k.removeprefix("features."): v for k, v in found.items()})
+        try:
+            self.features.load_state_dict({k.removeprefix("features."): v.float() for k, v in found.items()}, assign=True)
+        except RuntimeError as e:  # right keys, wrong shapes
+            raise ValueError(f"{path}: VGG16 keys with wrong shapes ({str(e).splitlines()[-1].strip()})") from None
         self.features.requires_grad_(False).eval()
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))

@@ -2,29 +2,28 @@
 
 Determinism: the batch of step ``s`` and every random draw inside the step come from seeds derived
 from ``(seed, s)``, so a resumed run needs only the weights, optimiser states and the step number
-to continue bit-for-bit where the killed run stopped.
+to continue bit-for-bit where the killed run stopped (the global RNG states and the data-order
+state are stored in the checkpoint as well, ``lad.training.checkpoint``, and restored on resume).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from lad.utils.atomic import atomic_dir, write_json
-from lad.utils.log import get_logger, is_main_process
+from lad.training.checkpoint import CheckpointManager  # noqa: F401  (re-exported: lad.priors.train imports it from here)
+from lad.utils.log import get_logger, is_main_process, progress
 from lad.utils.seed import derive_seed
 
 __all__ = [
     "resolve_device", "batch_indices", "step_generator", "seed_step", "CheckpointManager", "NonFiniteGuard",
-    "Logger", "autocast", "gather_batch", "check_run_part",
+    "Logger", "autocast", "make_grad_scaler", "gather_batch", "check_run_part", "validate_dataset", "data_state",
 ]
 
 log = get_logger(__name__)
@@ -37,16 +36,32 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
-    """Dataset indices of the batch of ``step``: a fresh permutation per epoch from ``(seed, epoch)``."""
+    """Dataset indices of the batch of ``step``: a fresh permutation per epoch from ``(seed, epoch)``.
+
+    A pure function of its arguments, so the data order after a resume is the uninterrupted one. With a
+    ``DistributedSampler``-style split, rank ``r`` of ``w`` would take ``batch_indices(...)[r::w]``.
+    """
     if n == 0:
         raise ValueError("the training split is empty")
     out = np.empty(batch_size, np.int64)
+    perms: dict[int, np.ndarray] = {}
     for i in range(batch_size):
-        k = step * batch_size + i
-        epoch, pos = divmod(k, n)
-        out[i] = np.random.default_rng([seed, epoch]).permutation(n)[pos]
+        epoch, pos = divmod(step * batch_size + i, n)
+        if epoch not in perms:
+            perms[epoch] = _epoch_permutation(seed, epoch, n)
+        out[i] = perms[epoch][pos]
     return out
+
+
+def data_state(step: int, batch_size: int, n: int, seed: int) -> dict[str, int]:
+    """The data-order state after ``step`` steps (stored in resume checkpoints): seed, epoch, position."""
+    epoch, pos = divmod(step * batch_size, n)
+    return {"seed": seed, "epoch": epoch, "position": pos, "batch_size": batch_size, "num_windows": n}
 
 
 def step_generator(seed: int, step: int, part: str) -> torch.Generator:
@@ -80,8 +95,64 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 on CUDA; a disabled (pass-through) scaler otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+
+
+def validate_dataset(ds, divisible_by: tuple[int, ...] | None = None) -> None:
+    """Refuse a training split that would fail mid-run: no windows, mixed window shapes, mask labels
+    outside {0, 1, 2}, or a window shape that the VQ-GAN compression does not divide.
+
+    Reads array headers and the (uint8) masks once, patient by patient, from their memory maps.
+    """
+    if len(ds) == 0:
+        raise ValueError(f"{ds.path}: the {ds.split} split has no windows")
+    if divisible_by is not None and any(s % f for s, f in zip(ds.shape, divisible_by)):
+        raise ValueError(f"{ds.path}: window shape {tuple(ds.shape)} is not divisible by the VQ-GAN compression {tuple(divisible_by)}")
+    patients = sorted({w["patient"] for w in ds.windows})
+    for pid in progress(patients, desc="check data", unit="patient"):
+        arrays = ds._patient(pid)
+        for key in ("image", "mask"):
+            shape = tuple(arrays[key].shape[1:])
+            if shape != tuple(ds.shape):
+                raise ValueError(f"{ds.path / 'patients' / pid / (key + '.npy')}: windows of shape {shape}, but the dataset's "
+                                 f"manifest says {tuple(ds.shape)}: mixed window shapes (re-run `lad prepare`)")
+        top = int(np.max(arrays["mask"], initial=0))
+        if top > 2:
+            raise ValueError(f"{ds.path / 'patients' / pid / 'mask.npy'}: mask label {top} outside {{0, 1, 2}}")
+
+
+def check_resume_config(run: Path, cfg, sections: tuple[str, ...]) -> None:
+    """On ``--resume``, refuse a config whose ``sections`` differ from ``RUN/config.yaml`` (except ``steps``)."""
+    from lad.config import to_dict
+    import yaml
+
+    f = run / "config.yaml"
+    if not f.exists():
+        return
+    saved, new = yaml.safe_load(f.read_text()) or {}, to_dict(cfg)
+    for sec in sections:
+        if sec not in saved:
+            continue
+        a, b = saved[sec], new.get(sec)
+        if not isinstance(a, dict):
+            if a != b:
+                raise ValueError(f"{f}: --resume with {sec}={b!r}, but the run was started with {sec}={a!r}")
+            continue
+        a, b = dict(a), dict(b or {})
+        a.pop("steps", None), b.pop("steps", None)
+        a, b = yaml.safe_load(yaml.safe_dump(a)), yaml.safe_load(yaml.safe_dump(b))  # tuples vs lists
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ValueError(f"{f}: --resume with a different {sec} config (keys {diff}); resume with the run's own "
+                             "config (--preset/--set as before) or start a new run")
+
+
 def check_run_part(run: Path, part_dirs: list[str], *, resume: bool, overwrite: bool) -> None:
     """Refuse to train over an existing part without ``--resume`` or ``--overwrite``; ``--overwrite`` clears it."""
+    if resume and overwrite:
+        raise ValueError("pass either --resume or --overwrite, not both")
     existing = [d for d in part_dirs if (run / d).exists()]
     if existing and not (resume or overwrite):
         raise FileExistsError(
@@ -92,64 +163,27 @@ def check_run_part(run: Path, part_dirs: list[str], *, resume: bool, overwrite: 
             shutil.rmtree(run / d) if (run / d).is_dir() else (run / d).unlink()
 
 
-class CheckpointManager:
-    """Resume checkpoints in ``RUN/checkpoints/<part>/step_XXXXXXX/`` (atomic; keep the last N).
-
-    Tensors go to safetensors; optimiser states to ``torch.save`` files whose content (tensors, numbers,
-    dicts) loads with ``torch.load(weights_only=True)``; the step to ``state.json``.
-    """
-
-    def __init__(self, root: Path, keep_last: int = 3):
-        self.root = root
-        self.keep_last = keep_last
-
-    def steps(self) -> list[int]:
-        if not self.root.exists():
-            return []
-        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := re.fullmatch(r"step_(\d+)", p.name)))
-
-    def save(self, step: int, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-             extra: dict[str, Any] | None = None) -> Path:
-        final = self.root / f"step_{step:07d}"
-        with atomic_dir(final) as tmp:
-            for name, mod in modules.items():
-                state = {k: v.detach().contiguous().cpu() for k, v in mod.state_dict().items()}
-                save_file(state, str(tmp / f"{name}.safetensors"))
-            for name, opt in optimizers.items():
-                torch.save(opt.state_dict(), tmp / f"{name}.pt")
-            write_json(tmp / "state.json", {"step": step, **(extra or {})})
-        for old in self.steps()[: -self.keep_last] if self.keep_last > 0 else []:
-            shutil.rmtree(self.root / f"step_{old:07d}", ignore_errors=True)
-        return final
-
-    def load_latest(self, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    device: torch.device) -> dict[str, Any] | None:
-        steps = self.steps()
-        if not steps:
-            return None
-        folder = self.root / f"step_{steps[-1]:07d}"
-        for name, mod in modules.items():
-            mod.load_state_dict(load_file(str(folder / f"{name}.safetensors"), device=str(device)))
-        for name, opt in optimizers.items():
-            opt.load_state_dict(torch.load(folder / f"{name}.pt", map_location=device, weights_only=True))
-        state = json.loads((folder / "state.json").read_text())
-        log.info("resuming from %s (step %d)", folder, state["step"])
-        return state
-
-
 class NonFiniteGuard:
-    """Skip steps whose loss is NaN/inf; stop with a clear error after ``limit`` in a row."""
+    """Skip steps whose loss or gradient norm is NaN/inf; stop with a clear error after ``limit`` in a row.
+
+    The check is one boolean read back per step (as ``GradScaler`` does for fp16): the optimiser step
+    must be skipped on the host, and it is negligible next to a 3D network step.
+    """
 
     def __init__(self, limit: int):
         self.limit, self.in_a_row, self.skipped = limit, 0, 0
 
-    def ok(self, loss: torch.Tensor, step: int) -> bool:
-        if bool(torch.isfinite(loss)):
+    def ok(self, loss: torch.Tensor, step: int, grad_norm: torch.Tensor | None = None) -> bool:
+        finite = torch.isfinite(loss.detach()).all()
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(grad_norm).all()
+        if bool(finite):
             self.in_a_row = 0
             return True
         self.in_a_row += 1
         self.skipped += 1
-        log.warning("step %d: non-finite loss (%s); step skipped", step, float(loss.detach()))
+        what = f"loss {float(loss.detach())}" + ("" if grad_norm is None else f", gradient norm {float(grad_norm)}")
+        log.warning("step %d: non-finite %s; step skipped (%d in a row)", step, what, self.in_a_row)
         if self.in_a_row >= self.limit:
             raise RuntimeError(
                 f"training stopped: {self.in_a_row} consecutive non-finite losses at step {step}; no checkpoint was "

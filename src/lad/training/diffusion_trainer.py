@@ -2,8 +2,8 @@
 
 Trains the denoiser and the Condition Extractor's trainable layers jointly on cached latents of the
 frozen VQ-GAN; the condition is replaced by the learned null condition with probability p_uncond.
-An exponential moving average of both (``torch.optim.swa_utils.AveragedModel`` with an EMA
-average) is what ``lad sample`` uses: ``RUN/denoiser_ema`` + ``RUN/condition``; the raw weights are
+An exponential moving average of both (``lad.training.ema.make_ema``: PyTorch's ``AveragedModel``
+with an EMA average) is what ``lad sample`` uses: ``RUN/denoiser_ema`` + ``RUN/condition``; the raw weights are
 kept in ``RUN/denoiser`` + ``RUN/condition_raw``.
 """
 
@@ -14,16 +14,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lad.config import save_config
-from lad.training.common import (CheckpointManager, Logger, NonFiniteGuard, autocast, batch_indices, check_run_part,
-                                 resolve_device, seed_step, slice_grid, step_generator)
+from lad.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from lad.training.common import (Logger, NonFiniteGuard, autocast, batch_indices, check_resume_config, check_run_part, data_state,
+                                 make_grad_scaler, resolve_device, seed_step, slice_grid, step_generator)
 from lad.training.config import TrainConfig
+from lad.training.ema import make_ema
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger, is_main_process, progress
 
-__all__ = ["train_diffusion", "build_diffusion_models"]
+__all__ = ["train_diffusion", "build_diffusion_models", "DIFFUSION_OUTPUTS"]
+
+DIFFUSION_OUTPUTS = ["denoiser", "denoiser_ema", "condition", "condition_raw", "scheduler", "checkpoints/diffusion",
+                     "tensorboard/diffusion", "logs/diffusion.jsonl"]
 
 log = get_logger(__name__)
 
@@ -59,32 +63,45 @@ def _conditions(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor 
 
 
 def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-                    device: str = "cpu", stop_after: int | None = None) -> Path:
-    """Train (or resume) the conditional latent diffusion model of ``run``; returns ``RUN/denoiser_ema``."""
-    from lad.data.dataset import PreparedDataset
+                    device: str = "cpu", stop_after: int | None = None, progress_bar: bool = True) -> Path:
+    """Train (or resume) the conditional latent diffusion model of ``run``; returns ``RUN/denoiser_ema``.
+
+    Needs ``RUN/vqgan`` (``train_vqgan``). The VQ-GAN's latents of the training windows are cached in
+    ``RUN/latent_cache`` (reused while ``RUN/vqgan/model.safetensors`` and the data are unchanged).
+    ``stop_after`` ends this call after that many steps (as a killed job would); errors are raised
+    before anything in ``run`` is written or deleted.
+    """
     from lad.models.guidance import diffusion_loss, drop_condition
     from lad.models.vqgan import VQGAN
     from lad.schedulers import DDPMScheduler
     from lad.training.latents import build_latent_cache, latent_stats
+    from lad.training.vqgan_trainer import open_training_data
 
     run = Path(run)
     dev = resolve_device(device)
     if not (run / "vqgan" / "model.safetensors").exists():
         raise FileNotFoundError(f"{run}: no trained VQ-GAN; run `lad train vqgan --run {run}` first")
+    ds = open_training_data(data, cfg)
+    if cfg.precision == "fp16" and dev.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA; use fp32 (or bf16, slow on CPU) with --device cpu")
     vqgan = VQGAN.from_pretrained(run / "vqgan", map_location=dev).to(dev).eval().requires_grad_(False)
-    ds = PreparedDataset(data, split="train")
-    if len(ds) == 0:
-        raise ValueError(f"{data}: the training split has no windows")
-    latent_shape = vqgan.latent_shape(ds.shape)
-    if latent_shape[0] != vqgan.config["embedding_dim"] or tuple(vqgan.config["channels"]) != tuple(cfg.vqgan.channels) \
-            or vqgan.config["embedding_dim"] != cfg.vqgan.embedding_dim or tuple(vqgan.config["downsample"]) != tuple(cfg.vqgan.downsample):
+    latent_shape = tuple(vqgan.latent_shape(ds.shape))
+    expected = (cfg.vqgan.embedding_dim, *(s // f for s, f in zip(ds.shape, cfg.vqgan.downsample)))
+    vc = vqgan.config
+    if latent_shape != expected or tuple(vc["channels"]) != tuple(cfg.vqgan.channels) \
+            or vc["embedding_dim"] != cfg.vqgan.embedding_dim or tuple(vc["downsample"]) != tuple(cfg.vqgan.downsample):
         raise ValueError(
-            f"{run / 'vqgan'}: VQ-GAN (embedding_dim {vqgan.config['embedding_dim']}, downsample {vqgan.config['downsample']}, "
-            f"channels {vqgan.config['channels']}) does not match the diffusion config (embedding_dim {cfg.vqgan.embedding_dim}, "
-            f"downsample {list(cfg.vqgan.downsample)}, channels {list(cfg.vqgan.channels)}); train the VQ-GAN with the same config"
+            f"{run / 'vqgan'}: VQ-GAN latent shape {latent_shape} (embedding_dim {vc['embedding_dim']}, downsample "
+            f"{vc['downsample']}, channels {vc['channels']}) does not match the diffusion config's latent shape {expected} "
+            f"(embedding_dim {cfg.vqgan.embedding_dim}, downsample {list(cfg.vqgan.downsample)}, channels "
+            f"{list(cfg.vqgan.channels)}); train the VQ-GAN with the same config"
         )
-    check_run_part(run, ["denoiser", "denoiser_ema", "condition", "condition_raw", "scheduler", "checkpoints/diffusion"],
-                   resume=resume, overwrite=overwrite)
+    if resume:
+        check_resume_config(run, cfg, ("vqgan", "denoiser", "diffusion_train", "condition", "variant", "seed"))
+    t = cfg.diffusion_train
+    torch.manual_seed(cfg.seed)  # models are built (and their config checked) before the run folder is touched
+    net = build_diffusion_models(cfg, latent_shape, ds.shape[0]).to(dev)
+    check_run_part(run, DIFFUSION_OUTPUTS, resume=resume, overwrite=overwrite)
     if is_main_process():
         save_config(cfg, run / "config.yaml")
     c = cfg.condition
@@ -96,56 +113,67 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     shift = torch.tensor(stats["shift"], device=dev).view(1, -1, 1, 1, 1)
     scale = torch.tensor(stats["scale"], device=dev).view(1, -1, 1, 1, 1)
 
-    t = cfg.diffusion_train
-    torch.manual_seed(cfg.seed)
-    net = build_diffusion_models(cfg, latent_shape, ds.shape[0]).to(dev)
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True)
+    ema = make_ema(net, decay=t.ema_decay)
     scheduler = DDPMScheduler(num_train_timesteps=t.timesteps, schedule=t.schedule)
+    # DDP: wrap `net` in DistributedDataParallel here and take batch_indices(...)[rank::world].
     opt = torch.optim.Adam(net.parameters(), lr=t.lr)
+    scaler = make_grad_scaler(dev, cfg.precision)
+    modules, optims = {"net": net, "ema": ema}, {"opt": opt, "scaler": scaler}
     ckpt = CheckpointManager(run / "checkpoints" / "diffusion", cfg.logging.keep_last)
     start = 0
-    if resume:
-        state = ckpt.load_latest({"net": net, "ema": ema}, {"opt": opt}, dev)
-        start = state["step"] if state else 0
+    if resume and (state := ckpt.load_latest(modules, optims, dev)) is not None:
+        start = state["step"]
+        restore_rng_state(state["rng"])
     logger = Logger(run / "tensorboard" / "diffusion", jsonl=run / "logs" / "diffusion.jsonl")
     guard = NonFiniteGuard(cfg.logging.max_nonfinite_steps)
     net.train()
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)
-    bar = progress(range(start, end), total=end - start, desc="diffusion", unit="step")
-    t_last, n_last = time.perf_counter(), start
+    bar = progress(range(start, end), total=end - start, desc="diffusion", unit="step", disable=not progress_bar)
+    t_last, n_last, t_data, running = time.perf_counter(), start, 0.0, float("nan")
     for step in bar:
         seed_step(cfg.seed, step, "diffusion")
         gen = step_generator(cfg.seed, step, "diffusion")
+        t0 = time.perf_counter()
         idx = torch.from_numpy(batch_indices(step, t.batch_size, len(ds), cfg.seed))
-        batch = {k: v[idx].to(dev) for k, v in cache.items()}
+        batch = {k: v[idx].to(dev, non_blocking=True) for k, v in cache.items()}
+        t_data += time.perf_counter() - t0
         z0 = (batch["z"] - shift) / scale
         with autocast(dev, cfg.precision):
             cond = _conditions(net, batch)
             if cond is not None:
                 cond = drop_condition(cond, net["condition"].null_cond, t.p_uncond, gen)
             loss, logs = diffusion_loss(net["denoiser"], scheduler, z0, cond, generator=gen, loss=t.loss)
-        if guard.ok(loss, step):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
-            opt.step()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        g_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
+        if guard.ok(loss, step, None if scaler.is_enabled() else g_norm):
+            scaler.step(opt)
             ema.update_parameters(net)
+            logs["grad_norm"] = g_norm.detach()
             logger.accumulate(logs)
+        else:
+            opt.zero_grad(set_to_none=True)
+        scaler.update()
         done = step + 1
         if done % cfg.logging.log_every == 0 or done == end:
             now = time.perf_counter()
             rate = (done - n_last) / max(now - t_last, 1e-9)
             means = logger.flush(done, "diffusion", {"lr": opt.param_groups[0]["lr"], "steps_per_s": rate,
                                                      "samples_per_s": rate * t.batch_size, "step_time_s": 1 / max(rate, 1e-9),
+                                                     "data_share": t_data / max(now - t_last, 1e-9),
                                                      "skipped_steps": guard.skipped})
-            t_last, n_last = now, done
+            running = means.get("diffusion", running)
+            t_last, n_last, t_data = now, done, 0.0
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{means.get('diffusion', float('nan')):.4f}")
         if cfg.logging.image_every and done % cfg.logging.image_every == 0 and is_main_process():
-            logger.image("diffusion/samples", _preview(ema.module, vqgan, batch, shift, scale, scheduler, gen, dev), done)
-        if done % cfg.logging.checkpoint_every == 0 or done == t.steps:
-            if is_main_process():
-                ckpt.save(done, {"net": net, "ema": ema}, {"opt": opt})
+            masks = [torch.from_numpy(ds[int(i)]["mask"]).float() / 2 for i in idx[:2]]
+            logger.image("diffusion/samples", _preview(ema.module, vqgan, batch, masks, shift, scale, scheduler, gen, dev), done)
+        # no checkpoint during a run of skipped (non-finite) steps: resume from the last healthy one
+        if (done % cfg.logging.checkpoint_every == 0 or done == t.steps) and guard.in_a_row == 0 and is_main_process():
+            ckpt.save(done, modules, optims, {"rng": capture_rng_state(), "data": data_state(done, t.batch_size, len(ds), cfg.seed)},
+                      metric=running)
     logger.close()
     if end == t.steps and is_main_process():
         extra = {"trained_steps": t.steps, "variant": cfg.variant}
@@ -162,8 +190,9 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
 
 
 @torch.no_grad()
-def _preview(net, vqgan, batch, shift, scale, scheduler, gen, dev, steps: int = 10):
-    """Two conditional samples (10 DDIM steps) decoded next to nothing else: a cheap progress picture."""
+def _preview(net, vqgan, batch, masks, shift, scale, scheduler, gen, dev, steps: int = 10):
+    """Two conditional samples (EMA weights, 10 DDIM steps, guidance 1) decoded, each row followed by the row
+    of its conditioning mask (label / 2): axial + coronal middle slices. A cheap progress picture."""
     from lad.models.guidance import guided_epsilon
     from lad.schedulers import DDIMScheduler
 
@@ -178,4 +207,7 @@ def _preview(net, vqgan, batch, shift, scale, scheduler, gen, dev, steps: int = 
         eps = guided_epsilon(net["denoiser"], z, torch.full((n,), int(tt), device=dev, dtype=torch.long), cond, null, 1.0)
         z = ddim.step(eps, tt, z)
     x = vqgan.decode_latent(z * scale + shift)
-    return slice_grid([x[i] for i in range(n)])
+    rows = []
+    for i in range(n):
+        rows += [x[i], masks[i]]
+    return slice_grid(rows)

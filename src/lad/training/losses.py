@@ -75,17 +75,23 @@ class VQGANLoss(nn.Module):
 
     def __init__(self, *, l1_weight: float = 4.0, perceptual_weight: float = 4.0, perceptual: nn.Module | None = None,
                  disc2d_weight: float = 0.25, disc3d_weight: float = 0.25, feature_matching_weight: float = 4.0,
-                 locality_weight: float = 1.0, disc_start: int = 50000, disc_channels: int = 64, disc_layers: int = 3):
+                 locality_weight: float = 1.0, disc_start: int = 50000, spatial_dims: int = 3, disc_channels: int = 64,
+                 disc_layers: int = 3):
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.spatial_dims = spatial_dims
         self.l1_weight, self.perceptual_weight = l1_weight, perceptual_weight
         self.disc2d_weight, self.disc3d_weight = disc2d_weight, disc3d_weight
         self.feature_matching_weight, self.locality_weight, self.disc_start = feature_matching_weight, locality_weight, disc_start
         self.perceptual = perceptual
         self.disc2d = PatchDiscriminator(spatial_dims=2, channels=disc_channels, num_layers=disc_layers)
-        self.disc3d = PatchDiscriminator(spatial_dims=3, channels=disc_channels, num_layers=disc_layers)
+        # for 2D images the 2D discriminator sees the whole image and there is no 3D one
+        self.disc3d = PatchDiscriminator(spatial_dims=3, channels=disc_channels, num_layers=disc_layers) if spatial_dims == 3 else None
 
-    def discriminator_parameters(self):
-        return list(self.disc2d.parameters()) + list(self.disc3d.parameters())
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        """Parameters of both discriminators (for their own optimizer)."""
+        return list(self.disc2d.parameters()) + (list(self.disc3d.parameters()) if self.disc3d is not None else [])
 
     @staticmethod
     def _slice(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -93,7 +99,15 @@ class VQGANLoss(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), :, idx]
 
     def _slice_index(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randint(0, x.shape[2], (x.shape[0],), generator=generator, device="cpu").to(x.device)
+        # drawn on the generator's device (CPU by default), then moved: no host sync
+        dev = generator.device if generator is not None else "cpu"
+        return torch.randint(0, x.shape[2], (x.shape[0],), generator=generator, device=dev).to(x.device)
+
+    def _slices(self, x: torch.Tensor, recon: torch.Tensor, generator: torch.Generator | None):
+        if self.spatial_dims == 2:
+            return x, recon
+        idx = self._slice_index(x, generator)
+        return self._slice(x, idx), self._slice(recon, idx)
 
     def generator_loss(self, x: torch.Tensor, out, mask: torch.Tensor, step: int, generator: torch.Generator | None = None):
         """Total generator loss and a dict of detached terms. ``x`` (B, 1, D, H, W) in [0, 1]."""
@@ -102,8 +116,7 @@ class VQGANLoss(nn.Module):
         l1 = F.l1_loss(recon, x)
         loss = self.l1_weight * l1 + out.commitment_loss
         logs.update(l1=l1.detach(), commitment=out.commitment_loss.detach())
-        idx = self._slice_index(x, generator)
-        x2, r2 = self._slice(x, idx), self._slice(recon, idx)
+        x2, r2 = self._slices(x, recon, generator)
         if self.perceptual is not None and self.perceptual_weight > 0:
             p = self.perceptual(r2, x2)
             loss = loss + self.perceptual_weight * p
@@ -113,13 +126,23 @@ class VQGANLoss(nn.Module):
             loss = loss + self.locality_weight * loc
             logs["locality"] = loc.detach()
         if step >= self.disc_start:
-            f2_fake, f3_fake = self.disc2d(r2), self.disc3d(recon)
+            f2_fake = self.disc2d(r2)
             with torch.no_grad():
-                f2_real, f3_real = self.disc2d(x2), self.disc3d(x)
-            g2, g3 = hinge_g_loss(f2_fake[-1]), hinge_g_loss(f3_fake[-1])
-            fm = feature_matching_loss(f2_real, f2_fake) + feature_matching_loss(f3_real, f3_fake)
-            loss = loss + self.disc2d_weight * g2 + self.disc3d_weight * g3 + self.feature_matching_weight * fm
-            logs.update(g_adv2d=g2.detach(), g_adv3d=g3.detach(), feature_matching=fm.detach())
+                f2_real = self.disc2d(x2)
+            g2 = hinge_g_loss(f2_fake[-1])
+            fm = feature_matching_loss(f2_real, f2_fake)
+            loss = loss + self.disc2d_weight * g2
+            logs["g_adv2d"] = g2.detach()
+            if self.disc3d is not None:
+                f3_fake = self.disc3d(recon)
+                with torch.no_grad():
+                    f3_real = self.disc3d(x)
+                g3 = hinge_g_loss(f3_fake[-1])
+                fm = fm + feature_matching_loss(f3_real, f3_fake)
+                loss = loss + self.disc3d_weight * g3
+                logs["g_adv3d"] = g3.detach()
+            loss = loss + self.feature_matching_weight * fm
+            logs["feature_matching"] = fm.detach()
         logs["total"] = loss.detach()
         return loss, logs
 
@@ -129,8 +152,13 @@ class VQGANLoss(nn.Module):
             zero = torch.zeros((), device=x.device)
             return zero, {"d_loss": zero}
         recon = out.recon.detach()
-        idx = self._slice_index(x, generator)
-        d2 = hinge_d_loss(self.disc2d(self._slice(x, idx))[-1], self.disc2d(self._slice(recon, idx))[-1])
-        d3 = hinge_d_loss(self.disc3d(x)[-1], self.disc3d(recon)[-1])
-        loss = self.disc2d_weight * d2 + self.disc3d_weight * d3
-        return loss, {"d_loss": loss.detach(), "d2d": d2.detach(), "d3d": d3.detach()}
+        x2, r2 = self._slices(x, recon, generator)
+        d2 = hinge_d_loss(self.disc2d(x2)[-1], self.disc2d(r2)[-1])
+        loss = self.disc2d_weight * d2
+        logs = {"d2d": d2.detach()}
+        if self.disc3d is not None:
+            d3 = hinge_d_loss(self.disc3d(x)[-1], self.disc3d(recon)[-1])
+            loss = loss + self.disc3d_weight * d3
+            logs["d3d"] = d3.detach()
+        logs["d_loss"] = loss.detach()
+        return loss, logs

@@ -1,4 +1,11 @@
-"""``lad train vqgan``: the VQ-GAN with the Locality Loss (paper section 3.2, eq. 1-3)."""
+"""``lad train vqgan``: the VQ-GAN with the Locality Loss (paper section 3.2, eq. 1-3).
+
+One step: generator (VQ-GAN) loss = L1 + commitment (+ perceptual) (+ Locality Loss) (+ 2D/3D
+adversarial and feature matching from ``disc_start``), then the discriminators' hinge loss on the
+detached reconstruction. Every random draw of step ``s`` comes from seeds derived from ``(seed, s)``
+and the batch from the per-epoch permutation of ``(seed, epoch)``, so ``resume=True`` continues
+bit-for-bit (CPU) from the last checkpoint in ``RUN/checkpoints/vqgan/``.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +15,23 @@ from pathlib import Path
 import torch
 
 from lad.config import save_config
-from lad.training.common import (CheckpointManager, Logger, NonFiniteGuard, autocast, batch_indices, check_run_part,
-                                 gather_batch, resolve_device, seed_step, slice_grid, step_generator)
+from lad.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from lad.training.common import (Logger, NonFiniteGuard, autocast, batch_indices, check_resume_config, check_run_part, data_state,
+                                 gather_batch, make_grad_scaler, resolve_device, seed_step, slice_grid, step_generator,
+                                 validate_dataset)
 from lad.training.config import TrainConfig
 from lad.utils.log import get_logger, is_main_process, progress
 
-__all__ = ["train_vqgan", "build_vqgan"]
+__all__ = ["train_vqgan", "build_vqgan", "VQGAN_OUTPUTS"]
 
 log = get_logger(__name__)
 
+# What a VQ-GAN (re)training owns in the run folder; the latent cache and stats depend on its weights.
+VQGAN_OUTPUTS = ["vqgan", "checkpoints/vqgan", "tensorboard/vqgan", "logs/vqgan.jsonl", "latent_cache", "latent_stats.json"]
+
 
 def build_vqgan(cfg: TrainConfig):
+    """The (untrained) VQ-GAN of ``cfg.vqgan``: images (B, 1, D, H, W) in [0, 1]."""
     from lad.models.vqgan import VQGAN
 
     m = cfg.vqgan
@@ -28,93 +41,123 @@ def build_vqgan(cfg: TrainConfig):
                  dead_code_threshold=m.dead_code_threshold)
 
 
-def _open_dataset(data: str | Path, cfg: TrainConfig):
+def open_training_data(data: str | Path, cfg: TrainConfig):
+    """The training split of prepared dataset ``data``, validated (shapes, labels, compression)."""
     from lad.data.dataset import PreparedDataset
 
     ds = PreparedDataset(data, split="train")
-    if len(ds) == 0:
-        raise ValueError(f"{data}: the training split has no windows")
-    bad = [s for s, f in zip(ds.shape, cfg.vqgan.downsample) if s % f]
-    if bad:
-        raise ValueError(f"{data}: window shape {ds.shape} is not divisible by the VQ-GAN compression {tuple(cfg.vqgan.downsample)}")
+    validate_dataset(ds, tuple(cfg.vqgan.downsample))
     return ds
 
 
+def _buffers(*modules: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) pairs: the EMA codebook and BatchNorm statistics change in forward passes."""
+    return [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+
+
 def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-                device: str = "cpu", perceptual_weights: str | None = None, stop_after: int | None = None) -> Path:
+                device: str = "cpu", perceptual_weights: str | None = None, stop_after: int | None = None,
+                progress_bar: bool = True) -> Path:
     """Train (or resume) the VQ-GAN of ``run`` on the prepared dataset ``data``; returns ``RUN/vqgan``.
 
     ``stop_after`` ends this call after that many steps, as a killed job would (tests of resume).
+    Errors (bad data, existing outputs without ``resume``/``overwrite``) are raised before anything
+    in ``run`` is written or deleted.
     """
     from lad.models.perceptual import PerceptualLoss
     from lad.training.losses import VQGANLoss
 
     run = Path(run)
     dev = resolve_device(device)
-    ds = _open_dataset(data, cfg)
-    check_run_part(run, ["vqgan", "checkpoints/vqgan", "latent_cache", "latent_stats.json"], resume=resume, overwrite=overwrite)
-    run.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        save_config(cfg, run / "config.yaml")
+    ds = open_training_data(data, cfg)
+    if cfg.precision == "fp16" and dev.type != "cuda":
+        raise ValueError("precision fp16 needs CUDA; use fp32 (or bf16, slow on CPU) with --device cpu")
+    if resume:
+        check_resume_config(run, cfg, ("vqgan", "vqgan_train", "seed"))
     t = cfg.vqgan_train
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # models are built (and their config checked) before the run folder is touched
     model = build_vqgan(cfg).to(dev)
     crit = VQGANLoss(l1_weight=t.l1_weight, perceptual_weight=t.perceptual_weight, perceptual=PerceptualLoss.maybe(perceptual_weights),
                      disc2d_weight=t.disc2d_weight, disc3d_weight=t.disc3d_weight, feature_matching_weight=t.feature_matching_weight,
                      locality_weight=t.locality_weight, disc_start=t.disc_start, disc_channels=t.disc_channels,
                      disc_layers=t.disc_layers).to(dev)
+    check_run_part(run, VQGAN_OUTPUTS, resume=resume, overwrite=overwrite)
+    if overwrite and (run / "denoiser_ema").exists():
+        log.warning("%s: the diffusion model was trained on the previous VQ-GAN's latents; retrain it "
+                    "(lad train diffusion --overwrite) before sampling", run)
+    run.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        save_config(cfg, run / "config.yaml")
+    # DDP: wrap `model` and `crit` in DistributedDataParallel here and take batch_indices(...)[rank::world].
     opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
     opt_d = torch.optim.Adam(crit.discriminator_parameters(), lr=t.lr, betas=tuple(t.betas))
+    scaler_g, scaler_d = make_grad_scaler(dev, cfg.precision), make_grad_scaler(dev, cfg.precision)
+    modules, optims = {"vqgan": model, "loss": crit}, {"opt_g": opt_g, "opt_d": opt_d, "scaler_g": scaler_g, "scaler_d": scaler_d}
     ckpt = CheckpointManager(run / "checkpoints" / "vqgan", cfg.logging.keep_last)
     start = 0
-    if resume:
-        state = ckpt.load_latest({"vqgan": model, "loss": crit}, {"opt_g": opt_g, "opt_d": opt_d}, dev)
-        start = state["step"] if state else 0
+    if resume and (state := ckpt.load_latest(modules, optims, dev)) is not None:
+        start = state["step"]
+        restore_rng_state(state["rng"])
     logger = Logger(run / "tensorboard" / "vqgan", jsonl=run / "logs" / "vqgan.jsonl")
-    guard = NonFiniteGuard(cfg.logging.max_nonfinite_steps)
+    guard, dguard = NonFiniteGuard(cfg.logging.max_nonfinite_steps), NonFiniteGuard(cfg.logging.max_nonfinite_steps)
     model.train()
     crit.train()
     end = t.steps if stop_after is None else min(t.steps, start + stop_after)
-    bar = progress(range(start, end), total=end - start, desc="vqgan", unit="step")
-    t_last, n_last = time.perf_counter(), start
+    bar = progress(range(start, end), total=end - start, desc="vqgan", unit="step", disable=not progress_bar)
+    t_last, n_last, t_data, running = time.perf_counter(), start, 0.0, float("nan")
     for step in bar:
         seed_step(cfg.seed, step, "vqgan")
         gen = step_generator(cfg.seed, step, "vqgan")
+        t0 = time.perf_counter()
         batch = gather_batch(ds, batch_indices(step, t.batch_size, len(ds), cfg.seed), dev)
+        t_data += time.perf_counter() - t0
         x, mask = batch["image"], batch["mask"]
+        saved = _buffers(model, crit)
         with autocast(dev, cfg.precision):
             out = model(x)
             g_loss, logs = crit.generator_loss(x, out, mask, step, gen)
-        if guard.ok(g_loss, step):
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        scaler_g.scale(g_loss).backward()
+        scaler_g.unscale_(opt_g)
+        g_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        if guard.ok(g_loss, step, None if scaler_g.is_enabled() else g_norm):
+            scaler_g.step(opt_g)
+            scaler_g.update()
             if step >= t.disc_start:
                 with autocast(dev, cfg.precision):
                     d_loss, dlogs = crit.discriminator_loss(x, out, step, gen)
                 opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                torch.nn.utils.clip_grad_norm_(crit.discriminator_parameters(), t.grad_clip)
-                opt_d.step()
-                logs.update(dlogs)
-            logs.update(perplexity=out.perplexity.detach(), codebook_usage=out.usage.detach())
+                scaler_d.scale(d_loss).backward()
+                scaler_d.unscale_(opt_d)
+                d_norm = torch.nn.utils.clip_grad_norm_(crit.discriminator_parameters(), t.grad_clip)
+                if dguard.ok(d_loss, step, None if scaler_d.is_enabled() else d_norm):
+                    scaler_d.step(opt_d)
+                    logs.update(dlogs)
+                scaler_d.update()
+            logs.update(perplexity=out.perplexity.detach(), codebook_usage=out.usage.detach(), grad_norm=g_norm.detach())
             logger.accumulate(logs)
+        else:  # undo what the forward pass changed (EMA codebook, BatchNorm statistics)
+            for b, copy in saved:
+                b.copy_(copy)
+            opt_g.zero_grad(set_to_none=True)
+            scaler_g.update()
         done = step + 1
         if done % cfg.logging.log_every == 0 or done == end:
             now = time.perf_counter()
             rate = (done - n_last) / max(now - t_last, 1e-9)
             means = logger.flush(done, "vqgan", {"lr": opt_g.param_groups[0]["lr"], "steps_per_s": rate,
                                                  "samples_per_s": rate * t.batch_size, "step_time_s": 1 / max(rate, 1e-9),
-                                                 "skipped_steps": guard.skipped})
-            t_last, n_last = now, done
+                                                 "data_share": t_data / max(now - t_last, 1e-9), "skipped_steps": guard.skipped})
+            running = means.get("total", running)
+            t_last, n_last, t_data = now, done, 0.0
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", ppl=f"{means.get('perplexity', 0):.0f}")
         if cfg.logging.image_every and done % cfg.logging.image_every == 0:
             logger.image("vqgan/input_vs_recon", slice_grid([x[0], out.recon[0]]), done)
-        if done % cfg.logging.checkpoint_every == 0 or done == t.steps:
-            if is_main_process():
-                ckpt.save(done, {"vqgan": model, "loss": crit}, {"opt_g": opt_g, "opt_d": opt_d})
+        # no checkpoint during a run of skipped (non-finite) steps: resume from the last healthy one
+        if (done % cfg.logging.checkpoint_every == 0 or done == t.steps) and guard.in_a_row == 0 and is_main_process():
+            ckpt.save(done, modules, optims, {"rng": capture_rng_state(), "data": data_state(done, t.batch_size, len(ds), cfg.seed)},
+                      metric=running)
     logger.close()
     if end == t.steps and is_main_process():
         model.eval().save_pretrained(run / "vqgan", extra={"trained_steps": t.steps, "variant": cfg.variant})

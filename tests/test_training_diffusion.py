@@ -1,0 +1,192 @@
+"""``train_diffusion`` on the hand-written tiny dataset: bit-exact resume, the latent cache (oracle,
+reuse, invalidation), latent scaling, loss reduction per conditioning variant, errors, the NaN guard,
+the run folder of docs/contracts.md, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lad.training.config import resolve_train_config
+from lad.training.diffusion_trainer import train_diffusion
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _with_vqgan(handmade_run, run):
+    run.mkdir(parents=True)
+    shutil.copytree(handmade_run / "vqgan", run / "vqgan")
+    return run
+
+
+def _tree(folder):
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_equals_uninterrupted_and_cache(handmade_prepared, handmade_run, tmp_path):
+    from lad.data.dataset import PreparedDataset
+    from lad.models.condition import encode_mask
+    from lad.models.vqgan import VQGAN
+    from lad.topology import betti_vectors
+
+    cfg = resolve_train_config("tiny", ["diffusion_train.steps=4", "logging.checkpoint_every=2", "logging.image_every=0"])
+    a, b = _with_vqgan(handmade_run, tmp_path / "a"), _with_vqgan(handmade_run, tmp_path / "b")
+    train_diffusion(handmade_prepared, a, cfg)
+    train_diffusion(handmade_prepared, b, cfg, stop_after=3)  # killed after 3 steps; last checkpoint at step 2
+    assert not (b / "denoiser_ema").exists()
+    meta = (b / "latent_cache" / "meta.json").stat().st_mtime_ns
+    train_diffusion(handmade_prepared, b, cfg, resume=True)
+    assert (b / "latent_cache" / "meta.json").stat().st_mtime_ns == meta  # cache reused, not recomputed
+    for part in ("denoiser", "denoiser_ema", "condition", "condition_raw"):
+        assert _equal(_weights(a / part), _weights(b / part)), part
+    ema, raw = _weights(a / "denoiser_ema"), _weights(a / "denoiser")
+    assert not all(torch.equal(ema[k], raw[k]) for k in raw)  # EMA is not the raw weights
+
+    # the cache holds exactly what the frozen encoder gives (oracle) ...
+    cache = load_file(str(a / "latent_cache" / "latents.safetensors"))
+    ds = PreparedDataset(handmade_prepared)
+    vq = VQGAN.from_pretrained(a / "vqgan").eval()
+    item = ds[3]
+    with torch.no_grad():
+        z = vq.encode(torch.from_numpy(item["image"])[None])
+        mz = encode_mask(vq, torch.from_numpy(item["mask"])[None])
+    assert cache["z"].shape == (6, 8, 2, 8, 8) and torch.allclose(cache["z"][3], z[0], atol=1e-5)
+    assert torch.allclose(cache["mask_z"][3], mz[0], atol=1e-5)
+    assert torch.equal(cache["betti"][3], torch.from_numpy(betti_vectors(item["mask"][None, 0]))[0])
+    # ... and the scaling is the per-channel mean/std of the training latents
+    stats = json.loads((a / "latent_stats.json").read_text())
+    zc = cache["z"].transpose(0, 1).reshape(8, -1).double()
+    assert np.allclose(stats["shift"], zc.mean(1).numpy()) and np.allclose(stats["scale"], zc.std(1).numpy())
+    assert stats["latent_shape"] == [8, 2, 8, 8] and stats["image_shape"] == [8, 32, 32]
+
+    # changed VQ-GAN weights invalidate the cache
+    w = {k: (v + 1e-2 if v.is_floating_point() else v) for k, v in _weights(b / "vqgan").items()}
+    save_file(w, str(b / "vqgan" / "model.safetensors"))
+    train_diffusion(handmade_prepared, b, resolve_train_config("tiny", ["diffusion_train.steps=1", "logging.image_every=0"]),
+                    overwrite=True)
+    new = load_file(str(b / "latent_cache" / "latents.safetensors"))
+    assert not torch.allclose(new["z"], cache["z"])
+    assert json.loads((b / "latent_cache" / "meta.json").read_text())["vqgan"] != json.loads((a / "latent_cache" / "meta.json").read_text())["vqgan"]
+
+
+@pytest.mark.parametrize("variant", ["V0", "V1", "V2", "V3"])  # full conditions the diffusion model as V3 does
+def test_variant_reduces_diffusion_loss_on_fixed_batch(handmade_run, variant):
+    from lad.models.guidance import diffusion_loss
+    from lad.schedulers import DDPMScheduler
+    from lad.training.diffusion_trainer import _conditions, build_diffusion_models
+
+    cfg = resolve_train_config("tiny", variant=variant)
+    cache = load_file(str(handmade_run / "latent_cache" / "latents.safetensors"))
+    stats = json.loads((handmade_run / "latent_stats.json").read_text())
+    batch = {k: v[:2] for k, v in cache.items()}
+    z0 = (batch["z"] - torch.tensor(stats["shift"]).view(1, -1, 1, 1, 1)) / torch.tensor(stats["scale"]).view(1, -1, 1, 1, 1)
+    torch.manual_seed(0)
+    net = build_diffusion_models(cfg, (8, 2, 8, 8), 8)
+    assert ("condition" in net) == (variant != "V0")
+    if "condition" in net:
+        assert net["condition"].use_content == cfg.condition.use_content and net["condition"].use_structure == cfg.condition.use_structure
+    sched = DDPMScheduler(num_train_timesteps=cfg.diffusion_train.timesteps)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(10):
+        loss, _ = diffusion_loss(net["denoiser"], sched, z0, _conditions(net, batch), generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_mismatched_vqgan_and_missing_vqgan(handmade_prepared, handmade_run, tmp_path):
+    before = _tree(handmade_run)
+    with pytest.raises(ValueError, match=r"latent shape \(8, 2, 8, 8\).*does not match the diffusion config's latent shape \(4, 2, 8, 8\)"):
+        train_diffusion(handmade_prepared, handmade_run, resolve_train_config("tiny", ["vqgan.embedding_dim=4"]), overwrite=True)
+    with pytest.raises(ValueError, match=r"does not match the diffusion config's latent shape \(8, 4, 8, 8\)"):
+        train_diffusion(handmade_prepared, handmade_run, resolve_train_config("tiny", ["vqgan.downsample=[2, 4, 4]"]), overwrite=True)
+    with pytest.raises(FileExistsError, match="--resume to continue or --overwrite"):
+        train_diffusion(handmade_prepared, handmade_run, resolve_train_config("tiny"))
+    assert _tree(handmade_run) == before  # nothing overwritten or deleted
+    with pytest.raises(FileNotFoundError, match="no trained VQ-GAN"):
+        train_diffusion(handmade_prepared, tmp_path / "empty", resolve_train_config("tiny"))
+    assert not (tmp_path / "empty").exists()
+
+
+def test_nan_guard_stops_without_checkpoint(handmade_prepared, handmade_run, tmp_path, monkeypatch):
+    from lad.models import guidance
+
+    real = guidance.diffusion_loss
+
+    def nan_loss(*a, **k):
+        loss, logs = real(*a, **k)
+        return loss * float("inf"), logs
+
+    monkeypatch.setattr(guidance, "diffusion_loss", nan_loss)
+    run = _with_vqgan(handmade_run, tmp_path / "r")
+    cfg = resolve_train_config("tiny", ["logging.checkpoint_every=1", "logging.max_nonfinite_steps=2"])
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite losses at step 1"):
+        train_diffusion(handmade_prepared, run, cfg)
+    assert not (run / "checkpoints" / "diffusion").exists() and not (run / "denoiser_ema").exists()
+
+
+def test_run_folder_matches_contract(handmade_run):
+    from lad.config import load_config
+    from lad.models.condition import ConditionExtractor
+    from lad.models.denoiser import LatentDenoiser
+    from lad.models.vqgan import VQGAN
+    from lad.schedulers import DDPMScheduler
+    from lad.training.config import TrainConfig
+
+    from conftest import HANDMADE_RUN_SETTINGS
+
+    r = handmade_run
+    assert load_config(TrainConfig, r / "config.yaml") == resolve_train_config("tiny", HANDMADE_RUN_SETTINGS)
+    for part in ("vqgan", "condition", "denoiser", "denoiser_ema"):
+        assert (r / part / "config.json").exists() and (r / part / "model.safetensors").exists(), part
+    assert VQGAN.from_pretrained(r / "vqgan").latent_shape((8, 32, 32)) == (8, 2, 8, 8)
+    den = LatentDenoiser.from_pretrained(r / "denoiser_ema")
+    cond = ConditionExtractor.from_pretrained(r / "condition")
+    assert den.config["cond_dim"] == cond.cond_dim > 0
+    sched = DDPMScheduler.from_pretrained(r / "scheduler")
+    assert sched.num_train_timesteps == 50  # the tiny preset's timesteps
+    stats = json.loads((r / "latent_stats.json").read_text())
+    assert {"method", "shift", "scale", "latent_shape", "image_shape", "spacing"} <= set(stats) and len(stats["shift"]) == 8
+    for part in ("vqgan", "diffusion"):
+        steps = sorted(p.name for p in (r / "checkpoints" / part).iterdir())
+        assert steps == ["best", "step_0000004"], steps
+        state = torch.load(r / "checkpoints" / part / "step_0000004" / "trainer_state.pt", weights_only=True)
+        assert state["step"] == 4 and {"torch", "numpy", "python"} <= set(state["rng"]) and state["data"]["num_windows"] == 6
+        assert list((r / "tensorboard" / part).glob("events.out.tfevents.*")), part
+        rows = [json.loads(line) for line in (r / "logs" / f"{part}.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == 4 and rows[-1]["skipped_steps"] == 0 and 0 <= rows[-1]["data_share"] <= 1
+    assert {"l1", "commitment", "locality", "perplexity", "codebook_usage", "lr", "samples_per_s"} <= set(rows and
+        json.loads((r / "logs" / "vqgan.jsonl").read_text().splitlines()[-1]))
+
+
+def test_cli_end_to_end(handmade_prepared, tmp_path):
+    run = tmp_path / "run"
+    base = ["--data", str(handmade_prepared), "--run", str(run), "--preset", "tiny", "--no-progress", "--variant", "V2"]
+    cmd = [sys.executable, "-m", "lad", "train"]
+    r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.steps=2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(cmd + ["diffusion", *base, "--set", "vqgan_train.steps=2", "--set", "diffusion_train.steps=2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (run / "denoiser_ema" / "model.safetensors").exists() and (run / "condition" / "model.safetensors").exists()
+    assert "mask_z" not in load_file(str(run / "latent_cache" / "latents.safetensors"))  # V2: structure only
+    r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.steps=2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.stepz=2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown key 'stepz'" in r.stderr
