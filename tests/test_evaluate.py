@@ -37,7 +37,7 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
     box = m["settings"]["localized_box"]
     assert len(box) == 3 and all(0 <= a < b for a, b in box)
     html = (tmp_path / "rep" / "report.html").read_text()
-    assert len(re.findall(r"data:image/png;base64,", html)) == 3 and "random-initialised" in html
+    assert len(re.findall(r"data:image/png;base64,", html)) == 4 and "random-initialised" in html  # MDS, slices, HU, closest pairs
     r = subprocess.run([sys.executable, "-m", "lad", "evaluate", "--real", str(tiny_prepared), "--synthetic", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "r2")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a lad sample folder" in r.stderr

@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "real), precision/recall/density/coverage, memorisation, organ HU histograms, MDS plot, slices. "
                        "Several synthetic sets (NAME=FOLDER) give one comparison table (e.g. V0=... Lad=...).")
     p.add_argument("--real", required=True, help="prepared dataset (test split = held-out real, train = memorisation reference)")
-    p.add_argument("--synthetic", required=True, nargs="+", help="lad sample folder(s), optionally NAME=FOLDER")
+    p.add_argument("--synthetic", "--compare", dest="synthetic", required=True, nargs="+",
+                   help="lad sample folder(s), optionally NAME=FOLDER; several make one comparison table (e.g. V0=... Lad=...)")
     p.add_argument("--out", required=True, help="report folder (metrics.json, report.html)")
     p.add_argument("--features", default="random-resnet10",
                    help="medicalnet-resnet{10,18,34,50}:/path/weights.pth, or random-resnetN (default; labelled as such)")

@@ -143,9 +143,12 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
         figures_data[name] = (vols, masks)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "metrics.json", results)
-    from lad.evaluation.report import write_report
+    from lad.evaluation.report import closest_pairs_figure, write_report
 
-    write_report(out, results, embeds, figures_data, (real_vols, real_masks), box)
+    pairs = [(name, figures_data[name][0][p["synthetic"]], train_vols[p["train"]], p["distance"])
+             for name, e in results["sets"].items() for p in e["memorisation"]["closest_pairs"][:2]]
+    extra = {"Memorisation: closest synthetic-training pairs": closest_pairs_figure(pairs)} if pairs else {}
+    write_report(out, results, embeds, figures_data, (real_vols, real_masks), box, extra_figures=extra)
     log.info("evaluation written to %s (%.1f s)", out, results["seconds"])
     return results
 

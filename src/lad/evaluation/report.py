@@ -102,6 +102,26 @@ def _slices_figure(sets: dict[str, tuple[list, list]], box, n: int = 3) -> str:
     return _png(fig)
 
 
+def closest_pairs_figure(pairs: list[tuple[str, np.ndarray, np.ndarray, float]]) -> str:
+    """Memorisation check by eye: each synthetic volume next to its nearest training volume (middle slice)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lad.data.labels import unit_to_hu
+
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(5, 2.5 * len(pairs)), squeeze=False)
+    for r, (name, syn, train, dist) in enumerate(pairs):
+        z = syn.shape[1] // 2
+        for c, (v, title) in enumerate(((syn, f"{name}: synthetic"), (train, f"nearest training (d={dist:.3g})"))):
+            axes[r][c].imshow(unit_to_hu(v[0])[z], cmap="gray", vmin=-160, vmax=240)
+            axes[r][c].set_title(title, fontsize=8)
+            axes[r][c].axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _hist_figure(results: dict[str, Any]) -> str:
     import matplotlib
 
@@ -140,7 +160,7 @@ def _table(results: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarray], sets: dict, real: tuple, box,
-                 title: str = "lad evaluation", preface: str = "") -> Path:
+                 title: str = "lad evaluation", preface: str = "", extra_figures: dict[str, str] | None = None) -> Path:
     """Write ``out/report.html`` (self-contained: images embedded)."""
     s = results["settings"]
     warn = "" if s["pretrained_features"] else (
@@ -148,7 +168,7 @@ def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarra
         "FID/MMD/PRDC values are comparable only with numbers from the same extractor, not with the paper's.</p>")
     figs = {"MDS embedding (Figure 4 style)": _mds_figure(embeds),
             "Slices 25/50/75% and the organ region (Figure 5 style)": _slices_figure({**sets, "real": (real[0], real[1])}, box),
-            "Intensity realism": _hist_figure(results)}
+            "Intensity realism": _hist_figure(results), **(extra_figures or {})}
     fig_html = "".join(f"<h3>{html.escape(k)}</h3><img src='data:image/png;base64,{v}'>" for k, v in figs.items())
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}

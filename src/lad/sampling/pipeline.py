@@ -27,22 +27,13 @@ __all__ = ["LadPipeline", "load_run_parts"]
 log = get_logger(__name__)
 
 
-def _file_hash(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def load_run_parts(run: str | Path, *, device: str | torch.device = "cpu", ema: bool = True) -> dict:
     """Load every trained part of a run folder (docs/contracts.md "Run folder")."""
     from lad.models.condition import ConditionExtractor
     from lad.models.denoiser import LatentDenoiser
     from lad.models.vqgan import VQGAN
     from lad.schedulers import DDPMScheduler
+    from lad.training.latents import file_hash
 
     run = Path(run)
     if not (run / "vqgan").is_dir():
@@ -59,7 +50,7 @@ def load_run_parts(run: str | Path, *, device: str | torch.device = "cpu", ema: 
         "scheduler": DDPMScheduler.from_pretrained(run / "scheduler"),
         "latent_stats": json.loads(stats_path.read_text()),
         "condition": None,
-        "checkpoint_hash": _file_hash(den_dir / "model.safetensors"),
+        "checkpoint_hash": file_hash(den_dir / "model.safetensors"),
     }
     cond_dir = run / ("condition" if den_dir.name == "denoiser_ema" else "condition_raw")
     if cond_dir.is_dir():  # the EMA extractor goes with the EMA denoiser, the raw one with the raw

@@ -50,9 +50,9 @@ class VQGANTrainConfig:
 
 @dataclasses.dataclass
 class DenoiserConfig:
-    channels: tuple[int, ...] = (64, 128, 256)
-    attention_levels: tuple[bool, ...] = (False, False, True)
-    num_res_blocks: int = 1
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    attention_levels: tuple[bool, ...] = (False, False, True, True)
+    num_res_blocks: int = 2
     num_head_channels: int = 32
     norm_num_groups: int = 32
     conditioning: Literal["embedding", "cross_attention"] = "embedding"
