@@ -1,6 +1,12 @@
 """Evaluation metrics: lad vs MONAI (FID, MS-SSIM) and the cost of MMD / PRDC / features.
 
-Prints one JSON line per figure. Run: .venv/bin/python benchmarks/bench_eval.py [--quick]
+Prints one JSON line per figure. Run: .venv/bin/python benchmarks/bench_eval.py [--quick] [--threads 1] [--device cuda]
+    .venv/bin/python benchmarks/bench_eval.py --only throughput --threads 1   # features batched vs one by one, MS-SSIM pairs/s
+
+``throughput`` (demo 1x16x64x64 and paper 1x32x256x256 volumes): feature extraction volumes/s with
+lad's batched ``FeatureExtractor.extract`` (batch 4) against one volume per forward (the
+straightforward loop), same process, same extractor; MS-SSIM pairs/s through ``pairwise_ms_ssim``
+(4 pairs per batch) against one ``ms_ssim_3d`` call per pair; peak RSS of the process so far.
 """
 
 from __future__ import annotations
@@ -97,11 +103,60 @@ def bench_features(quick: bool):
         emit(figure="features", spec=spec, shape=shape, seconds_per_volume=round(t / len(vols), 3), dim=f.shape[1])
 
 
+def bench_throughput(quick: bool, device: str = "cpu"):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import context, peak_rss_gb
+
+    from lad.evaluation.diversity import ms_ssim_3d, pairwise_ms_ssim
+    from lad.evaluation.features import FeatureExtractor
+
+    fx = FeatureExtractor.from_spec("random-resnet10", device=device)
+    shapes = [((1, 16, 64, 64), 8, 12)] + ([] if quick else [((1, 32, 256, 256), 4, 6)])
+    for shape, n, n_vol_pairs in shapes:
+        vols = [np.random.default_rng(i).random(shape).astype(np.float32) for i in range(n)]
+        fx.extract(vols[:1], batch_size=1)  # warm-up
+        ctx = context(device)
+        t_one, c_one = time.perf_counter(), time.process_time()
+        for v in vols:
+            fx.extract([v], batch_size=1)
+        t_one, c_one = time.perf_counter() - t_one, time.process_time() - c_one
+        t_b, c_b = time.perf_counter(), time.process_time()
+        fx.extract(vols, batch_size=4)
+        t_b, c_b = time.perf_counter() - t_b, time.process_time() - c_b
+        emit(figure="features_throughput", spec="random-resnet10", shape=shape, n=n, batch=4,
+             volumes_per_s_batched=round(n / t_b, 3), volumes_per_s_one_by_one=round(n / t_one, 3),
+             cpu_s_per_volume_batched=round(c_b / n, 3), cpu_s_per_volume_one_by_one=round(c_one / n, 3),
+             speedup_cpu=round(c_one / c_b, 3), peak_rss_gb=peak_rss_gb(), **ctx)
+        mv = [v[0] for v in vols[:4]]
+        ctx = context(device)
+        t, c = time.perf_counter(), time.process_time()
+        r = pairwise_ms_ssim(mv, n_pairs=6, seed=0, device=device)
+        t, c = time.perf_counter() - t, time.process_time() - c
+        t1, c1 = time.perf_counter(), time.process_time()
+        for i, j in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]:
+            ms_ssim_3d(mv[i], mv[j], device=device)
+        t1, c1 = time.perf_counter() - t1, time.process_time() - c1
+        emit(figure="ms_ssim_throughput", shape=shape[1:], pairs=r.n_a,
+             pairs_per_s_batched=round(6 / t, 3), pairs_per_s_one_by_one=round(6 / t1, 3),
+             cpu_s_per_pair_batched=round(c / 6, 3), cpu_s_per_pair_one_by_one=round(c1 / 6, 3),
+             scales=r.details.get("scales"), peak_rss_gb=peak_rss_gb(), **ctx)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
-    p.add_argument("--only", choices=["fid", "mmd", "ms_ssim", "features"], default=None)
+    p.add_argument("--only", choices=["fid", "mmd", "ms_ssim", "features", "throughput"], default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="for --only throughput")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.only == "throughput":
+        bench_throughput(args.quick, args.device)
+        return
     for name, fn in (("fid", bench_fid), ("mmd", bench_mmd_prdc), ("ms_ssim", bench_ms_ssim), ("features", bench_features)):
         if args.only in (None, name):
             fn(args.quick)

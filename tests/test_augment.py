@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -66,7 +67,11 @@ def test_none_record_is_identity_and_bad_shape_is_rejected():
 def test_organ_destroying_ranges_raise_after_redraws():
     mask = _mask()
     cfg = AugmentConfig(translate_range=(0.0, 0.0, 5.0), scale_range=(0, 0, 0), elastic_prob=0.0,
-                        flip_prob=0.0, rotate_range=(0, 0, 0), max_redraws=2, min_organ_fraction=0.99)
+                        flip_prob=0.0, rotate_range=(0, 0, 0), max_redraws=2, min_organ_fraction=0.99, on_failure="error")
     # translations of up to 5 widths push the organ out almost always; a translation of exactly 0 is impossible
     with pytest.raises(ValueError, match="removed more than"):
         augment_mask(mask, cfg, seed=0)
+    # the default keeps the sample: the mask unaugmented, recorded as such, replayable
+    out, rec = augment_mask(mask, dataclasses.replace(cfg, on_failure="identity"), seed=0)
+    assert np.array_equal(out, mask) and rec["kind"] == "none" and rec["fallback"] and rec["redraws"] == 3
+    assert np.array_equal(apply_augmentation(mask, rec), mask)

@@ -1,9 +1,11 @@
-"""`lad demo --preset tiny` end to end: every stage, the report, resume and --from."""
+"""`lad demo --preset tiny` end to end: every stage, the report, resume and --from; the output-folder guards."""
 
 from __future__ import annotations
 
 import json
 import re
+
+import pytest
 
 from lad.demo import STAGES, run_demo
 
@@ -13,13 +15,22 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     report = run_demo(out, preset="tiny")
     html = report.read_text()
     assert "Lad" in html and "V0 (Medical Diffusion)" in html and "Illustrative numbers" in html
-    assert len(re.findall(r"data:image/png;base64,", html)) == 4  # curves, MDS, slices, histograms
+    assert "Pipeline settings" in html and "Time per stage" in html and "exactly Lad's budget" in html
+    # curves, MDS, slices, histograms, closest synthetic-training pairs
+    assert len(re.findall(r"data:image/png;base64,", html)) == 5
+    assert "MDS" in html and "closest synthetic-training pairs" in html
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert set(metrics["sets"]) == {"Lad", "V0 (Medical Diffusion)"}
     assert all((out / ".stages" / f"{s}.done").exists() for s in STAGES)
-    # V0 has no condition extractor and no locality term; Lad has both
+    timings = json.loads((out / ".stages" / "timings.json").read_text())
+    assert set(timings) == set(STAGES)
+    assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in timings.values())
+    # V0 has no condition extractor and no locality term; Lad has both; both got the same budget
     assert not (out / "run-v0" / "condition").exists() and (out / "run-lad" / "condition").exists()
     assert json.loads((out / "run-lad" / "logs" / "vqgan.jsonl").read_text().splitlines()[-1])["locality"] >= 0
+    for part in ("vqgan", "diffusion"):
+        logs = [(out / run / "logs" / f"{part}.jsonl").read_text().splitlines() for run in ("run-lad", "run-v0")]
+        assert json.loads(logs[0][-1])["step"] == json.loads(logs[1][-1])["step"]
     # a second call resumes (nothing re-done); --from evaluate redoes only the evaluation
     stamp = (out / "samples-lad" / "manifest.jsonl").stat().st_mtime_ns
     run_demo(out, preset="tiny")
@@ -28,3 +39,23 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     run_demo(out, preset="tiny", start="evaluate")
     assert (out / ".stages" / "evaluate.done").stat().st_mtime_ns > before
     assert (out / "samples-lad" / "manifest.jsonl").stat().st_mtime_ns == stamp
+    # the same folder with another seed is refused before anything is touched
+    with pytest.raises(FileExistsError, match="other settings"):
+        run_demo(out, preset="tiny", seed=1)
+    assert (out / "samples-lad" / "manifest.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a lad demo folder"):
+        run_demo(tmp_path / "mine", preset="tiny")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("kwargs, message", [({"preset": "huge"}, "--preset"), ({"start": "deploy"}, "--from")])
+def test_demo_rejects_unknown_preset_and_stage(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_demo(tmp_path / "d", **kwargs)
+    assert not (tmp_path / "d").exists()

@@ -138,3 +138,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         (out.recon.square().mean() + out.commitment_loss).backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_quantizer_has_no_host_reads_per_step_and_reinitialises_after_a_reset():
+    """After the first training forward, the quantiser reads nothing back to the host (no item/bool,
+    no bincount: both are host-device syncs on a GPU); a reset `initialized` buffer (a skipped step
+    restoring buffers, a loaded state) is noticed and the codebook is data-initialised again."""
+    from torch.profiler import profile
+
+    from lad.models.quantizer import EMAQuantizer
+
+    torch.manual_seed(0)
+    q = EMAQuantizer(num_embeddings=16, embedding_dim=4).train()
+    z = torch.randn(2, 4, 3, 3, 3)
+    q(z)
+    with profile() as prof:
+        out = q(z)
+    ops = {e.key for e in prof.key_averages()}
+    assert not ops & {"aten::_local_scalar_dense", "aten::bincount", "aten::nonzero"}
+    probs = torch.bincount(out.indices.flatten(), minlength=16).float() / out.indices.numel()
+    assert torch.allclose(out.perplexity, torch.exp(-(probs * torch.log(probs + 1e-10)).sum()))
+    q.initialized.fill_(False)
+    q.embedding.zero_()
+    q(z)
+    assert bool(q.initialized) and q.embedding.abs().sum() > 0
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    state["initialized"] = torch.tensor(False)
+    q.load_state_dict(state)
+    assert not q._is_initialized()

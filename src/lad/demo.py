@@ -22,6 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
+from lad.utils.atomic import atomic_path, write_text
 from lad.utils.log import get_logger
 
 __all__ = ["run_demo", "STAGES"]
@@ -31,11 +32,11 @@ log = get_logger(__name__)
 STAGES = ("phantom", "prepare", "train", "sample", "baseline", "segmenter", "evaluate")
 
 _PRESETS = {
-    # preset: (phantom subjects, phantom spacing, phantom size, prepare preset, train preset, samples, sampler steps, MS-SSIM pairs)
+    # phantom subjects (n, spacing, size, workers), prepare / train / segmenter presets, samples per model, DDIM steps, MS-SSIM pairs
     "demo": dict(n=30, spacing=(3.0, 3.0, 2.5), size=(128, 128), prepare="demo", train="demo", samples=16, steps=50, pairs=100,
-                 segmenter="demo"),
+                 segmenter="demo", segmenter_set=[], workers=2),
     "tiny": dict(n=6, spacing=(6.0, 6.0, 5.0), size=(64, 64), prepare="tiny", train="tiny", samples=4, steps=5, pairs=6,
-                 segmenter="tiny"),
+                 segmenter="tiny", segmenter_set=["steps=30", "checkpoint_every=30"], workers=1),
 }
 
 
@@ -59,28 +60,34 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
         raise ValueError(f"--from must be one of {STAGES}, got {start!r}")
     p = _PRESETS[preset]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"preset": preset, "seed": seed}
     sfile = out / "demo_settings.json"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not sfile.exists())):
+        raise FileExistsError(f"{out}: exists and is not a lad demo folder (no demo_settings.json); use another --out")
+    out.mkdir(parents=True, exist_ok=True)
     if sfile.exists() and json.loads(sfile.read_text()) != settings:
         raise FileExistsError(f"{out}: holds a demo run with other settings {json.loads(sfile.read_text())}; use another --out")
-    sfile.write_text(json.dumps(settings))
+    write_text(sfile, json.dumps(settings))
     if start is not None:
         for s in STAGES[STAGES.index(start):]:
             _done(out, s).unlink(missing_ok=True)
-    timings: dict[str, float] = json.loads((out / ".stages" / "timings.json").read_text()) if (out / ".stages" / "timings.json").exists() else {}
+    tfile = out / ".stages" / "timings.json"
+    timings: dict[str, dict[str, float]] = {
+        k: v for k, v in (json.loads(tfile.read_text()) if tfile.exists() else {}).items() if isinstance(v, dict)}
 
     def stage(name, fn):
         if _done(out, name).exists():
             log.info("demo: %s already done (use --from %s to redo it)", name, name)
             return
         log.info("demo: stage %s", name)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        timings[name] = round(time.perf_counter() - t0, 1)
+        # wall and CPU seconds (all threads of this process): on a shared machine the CPU figure is the stable one
+        timings[name] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
+        log.info("demo: stage %s took %.0f s (%.0f CPU s)", name, timings[name]["wall_s"], timings[name]["cpu_s"])
         _done(out, name).parent.mkdir(parents=True, exist_ok=True)
+        write_text(tfile, json.dumps(timings, indent=1))
         _done(out, name).write_text("ok")
-        (out / ".stages" / "timings.json").write_text(json.dumps(timings))
 
     def clean(*paths):
         for q in paths:
@@ -91,7 +98,7 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
     sample = SampleSettings(n=p["samples"], steps=p["steps"], sampler="ddim", guidance=1.0, seed=seed)
 
     stage("phantom", lambda: write_phantom_dataset(out / "phantom", p["n"], seed, spacing=p["spacing"], size=p["size"],
-                                                   preview=True, overwrite=True))
+                                                   preview=True, overwrite=True, workers=p["workers"]))
     stage("prepare", lambda: (clean("prepared"), prepare_dataset("abdomenct1k", out / "phantom", out / "prepared",
                                                                  load_prepare_config(p["prepare"]))))
 
@@ -115,7 +122,8 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
         from lad.priors.train import load_segmenter_config, train_segmenter
 
         clean("segmenter")
-        train_segmenter(out / "prepared", out / "segmenter", load_segmenter_config(p["segmenter"], [f"seed={seed}"]), device=device)
+        seg_cfg = load_segmenter_config(p["segmenter"], [f"seed={seed}", *p["segmenter_set"]])
+        train_segmenter(out / "prepared", out / "segmenter", seg_cfg, device=device)
 
     stage("segmenter", segmenter)
 
@@ -132,6 +140,7 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
 
 
 def _curves_png(out: Path) -> str:
+    """Training curves of both runs: VQ-GAN L1, codebook perplexity, diffusion loss (from ``RUN/logs/*.jsonl``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,51 +148,112 @@ def _curves_png(out: Path) -> str:
 
     from lad.evaluation.report import _png
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    panels = (("vqgan", "l1", "VQ-GAN: L1 reconstruction loss"), ("vqgan", "perplexity", "VQ-GAN: codebook perplexity"),
+              ("diffusion", "diffusion", "diffusion: denoising loss"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.2))
     for run, name, color in (("run-lad", "Lad", "#d62728"), ("run-v0", "V0", "#1f77b4")):
-        for ax, part, key in ((axes[0], "vqgan", "l1"), (axes[1], "diffusion", "diffusion")):
+        for ax, (part, key, title) in zip(axes, panels):
             f = out / run / "logs" / f"{part}.jsonl"
             if not f.exists():
                 continue
             rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if key in r]
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], color=color, label=name)
-            ax.set_title(f"{part}: {key} loss")
+            ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
     return _png(fig)
 
 
-def _write_demo_report(out: Path, preset: str, cfg, sample, timings: dict) -> None:
-    """``DIR/report.html``: the evaluation report with the pipeline's settings and training curves first."""
-    from lad.config import to_dict
-    from lad.evaluation.report import write_report
+def _settings_html(out: Path, preset: str, cfg, sample, timings: dict) -> str:
+    """The pipeline's settings (data, budget of both runs, sampling) and where the time went, as HTML tables."""
+    manifest = json.loads((out / "prepared" / "manifest.json").read_text())
+    c = manifest["config"]
+    p = _PRESETS[preset]
+    vq, vt, dn, dt = cfg.vqgan, cfg.vqgan_train, cfg.denoiser, cfg.diffusion_train
+    rows = [
+        ("data", f"{p['n']} phantom subjects ({p['size'][0]} x {p['size'][1]} at {_mm(p['spacing'])} mm) -> prepare preset "
+                 f"<code>{p['prepare']}</code>: windows {c['depth']} x {c['size'][0]} x {c['size'][1]} at {_mm(c['spacing'])} mm; "
+                 f"{_count(manifest, 'train')} training / {_count(manifest, 'test')} held-out windows"),
+        ("VQ-GAN", f"channels {list(vq.channels)}, compression {list(vq.downsample)}, {vq.num_embeddings} codes of dim "
+                   f"{vq.embedding_dim}; {vt.steps} steps, batch {vt.batch_size}, lr {vt.lr:g}, discriminators from step "
+                   f"{vt.disc_start}; Locality Loss weight {vt.locality_weight:g} (Lad) / 0 (V0)"),
+        ("diffusion", f"denoiser channels {list(dn.channels)}, attention {list(dn.attention_levels)}; {dt.steps} steps, batch "
+                      f"{dt.batch_size}, lr {dt.lr:g}, EMA {dt.ema_decay:g}, {dt.timesteps} timesteps ({dt.schedule}); Lad "
+                      f"conditioned on content + structure (p_uncond {dt.p_uncond:g}), V0 unconditional"),
+        ("sampling", f"{sample.n} volumes per model, {sample.sampler.upper()}-{sample.steps}, guidance w = {sample.guidance:g}, "
+                     f"mask augmentation {sample.augment}, seed {sample.seed}"),
+        ("budget", "V0 (Medical Diffusion) gets exactly Lad's budget: the same preset, steps, batch sizes and models"),
+    ]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{v}</td></tr>" for k, v in rows)
+    done = {s: t for s, t in timings.items() if s != "evaluate"}  # this report is written during the evaluate stage
+    times = "".join(f"<tr><th>{html.escape(s)}</th><td>{t['wall_s']:.0f}</td><td>{t['cpu_s']:.0f}</td></tr>" for s, t in done.items())
+    total_w = sum(t["wall_s"] for t in done.values())
+    total_c = sum(t["cpu_s"] for t in done.values())
+    times += f"<tr><th>total</th><td>{total_w:.0f}</td><td>{total_c:.0f}</td></tr>"
+    return (f"<h2>Pipeline settings</h2><table>{table}</table>"
+            f"<h3>Time per stage</h3><table><tr><th>stage</th><th>wall s</th><th>CPU s (all threads)</th></tr>{times}</table>"
+            "<p>Without the evaluate stage (this report is written during it; see <code>.stages/timings.json</code>).</p>")
 
-    results = json.loads((out / "evaluation" / "metrics.json").read_text())
-    curves = _curves_png(out)
-    preface = (
-        "<p class=warn>Illustrative numbers: tiny models trained for minutes on procedural phantom CT. "
-        "The same commands with the paper presets (<code>--preset paper-abdomenct1k</code>) are the real experiment.</p>"
-        f"<h2>Pipeline</h2><p>preset <code>{preset}</code>; stage times (s): <code>{html.escape(json.dumps(timings))}</code>; "
-        f"sampling: {sample.sampler.upper()}-{sample.steps}, guidance w = {sample.guidance}, augmentation {sample.augment}.</p>"
-        f"<details><summary>training config (Lad)</summary><pre>{html.escape(json.dumps(to_dict(cfg), indent=1))}</pre></details>"
-        f"<h2>Training curves</h2><img src='data:image/png;base64,{curves}'>"
-    )
+
+def _mm(spacing) -> str:
+    return " x ".join(f"{v:g}" for v in spacing)
+
+
+def _count(manifest: dict, split: str) -> int:
+    return sum(1 for w in manifest["windows"] if w["split"] == split)
+
+
+def _write_demo_report(out: Path, preset: str, cfg, sample, timings: dict) -> None:
+    """``DIR/report.html``: the evaluation report with the pipeline's settings, stage times and training curves first."""
+    from lad.config import to_dict
     from lad.data.dataset import PreparedDataset
+    from lad.evaluation.crops import max_bounding_box
     from lad.evaluation.evaluate import load_synthetic
     from lad.evaluation.features import FeatureExtractor
-    from lad.evaluation.crops import max_bounding_box
+    from lad.evaluation.report import closest_pairs_figure, write_report
 
+    results = json.loads((out / "evaluation" / "metrics.json").read_text())
+    preface = (
+        "<p class=warn><b>Illustrative numbers</b>: tiny models trained for minutes on procedural phantom CT at 6 mm, "
+        "evaluated on a handful of held-out phantom windows with a random-initialised feature network. They show that "
+        "every stage runs and how the report reads, not the paper's results. The same commands with the paper presets "
+        "(<code>--preset paper-abdomenct1k</code>) on real CT are the real experiment.</p>"
+        + _settings_html(out, preset, cfg, sample, timings)
+        + f"<details><summary>full training config (Lad; V0 identical but variant V0)</summary>"
+        f"<pre>{html.escape(json.dumps(to_dict(cfg), indent=1))}</pre></details>"
+        f"<h2>Training curves</h2><img src='data:image/png;base64,{_curves_png(out)}'>"
+    )
     ds_test = PreparedDataset(out / "prepared", split="test")
     ds_train = PreparedDataset(out / "prepared", split="train")
     real = ([ds_test[i]["image"] for i in range(len(ds_test))], [ds_test[i]["mask"][0] for i in range(len(ds_test))])
+    train_vols = [ds_train[i]["image"] for i in range(len(ds_train))]
     if len(real[0]) < 2:
-        real = ([ds_train[i]["image"] for i in range(len(ds_train))], [ds_train[i]["mask"][0] for i in range(len(ds_train))])
+        real = (train_vols, [ds_train[i]["mask"][0] for i in range(len(ds_train))])
     box = max_bounding_box([ds_train[i]["mask"][0] for i in range(len(ds_train))])
-    fx = FeatureExtractor.from_spec("random-resnet10")
+    fx = FeatureExtractor.from_spec("random-resnet10")  # what evaluate() used (the demo passes no --features)
     sets = {name: load_synthetic(Path(e["path"])) for name, e in results["sets"].items()}
-    embeds = {"real": fx.extract(real[0], cache_dir=out / "evaluation" / "feature_cache")}
-    embeds.update({name: fx.extract(v[0], cache_dir=out / "evaluation" / "feature_cache") for name, v in sets.items()})
+    cache = out / "evaluation" / "feature_cache"
+    embeds = {"real": fx.extract(real[0], cache_dir=cache)}
+    embeds.update({name: fx.extract(v[0], cache_dir=cache) for name, v in sets.items()})
+    pairs = [(name, sets[name][0][p["synthetic"]], train_vols[p["train"]], p["distance"])
+             for name, e in results["sets"].items() for p in e["memorisation"]["closest_pairs"][:2]]
+    extra = {"Memorisation: closest synthetic-training pairs": closest_pairs_figure(pairs)} if pairs else {}
     write_report(out, results, embeds, sets, real, box, title="lad demo: Lad vs Medical Diffusion (V0) on phantom CT",
-                 preface=preface)
+                 preface=preface, extra_figures=extra)
+    _write_overview_png(out / "figures" / "overview.png", sets, real, box)
+
+
+def _write_overview_png(path: Path, sets: dict, real: tuple, box) -> None:
+    """A small PNG of the report's slice figure (one held-out window, one sample per model), for sharing (README)."""
+    import base64
+
+    from lad.evaluation.report import _slices_figure
+
+    rows = {"real (held-out)": (real[0][:1], real[1][:1]), **{k: (v[0][:1], v[1][:1]) for k, v in reversed(list(sets.items()))}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(base64.b64decode(_slices_figure(rows, box, n=1)))

@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", default="random-resnet10")
     p.add_argument("--segmenter", help="segmenter folder for conditioning fidelity")
     p.add_argument("--pairs", type=int, default=100)
+    p.add_argument("--priors-data", action="append", default=[], metavar="NAME=PREPARED",
+                   help="also train each variant on this prepared version of the same windows whose masks are priors "
+                   "(e.g. from a weaker segmenter); rows are named VARIANT@NAME (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -28,11 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lad.evaluation.ablate import run_ablation
 
+    priors = {}
+    for item in args.priors_data:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--priors-data {item!r}: expected NAME=PREPARED_FOLDER")
+        priors[name] = folder
     res = run_ablation(args.data, args.out, preset=args.preset, variants=[v.strip() for v in args.variants.split(",")],
                        overrides=args.overrides, n_samples=args.n, steps=args.steps, seed=args.seed, device=args.device,
-                       features=args.features, segmenter=args.segmenter, n_pairs=args.pairs)
-    print(f"{'variant':8} {'FID':>9} {'MMD':>9} {'FIDloc':>9} {'MMDloc':>9} {'MS-SSIM':>8}")
+                       features=args.features, segmenter=args.segmenter, n_pairs=args.pairs,
+                       priors_data=priors)
+    width = max(8, *(len(n) for n in res["sets"]))
+    print(f"{'variant':{width}} {'FID':>9} {'MMD':>9} {'FIDloc':>9} {'MMDloc':>9} {'MS-SSIM':>8}")
     for name, e in res["sets"].items():
-        print(f"{name:8} {e['fid']:9.4g} {e['mmd']:9.4g} {e['fid_localized']:9.4g} {e['mmd_localized']:9.4g} {e['ms_ssim']:8.4f}")
+        print(f"{name:{width}} {e['fid']:9.4g} {e['mmd']:9.4g} {e['fid_localized']:9.4g} {e['mmd_localized']:9.4g} {e['ms_ssim']:8.4f}")
     print(f"report: {args.out}/evaluation/report.html")
     return 0

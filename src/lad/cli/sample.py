@@ -13,9 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "masks, classifier-free guidance, NIfTI outputs in HU with the masks' geometry, manifest.jsonl. "
         "Re-running the same command resumes; --shard i/k (or torchrun) splits the work.",
     )
-    p.add_argument("--run", required=True, help="run folder written by `lad train vqgan` + `lad train diffusion`")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder written by `lad train vqgan` + `lad train diffusion` (--run-dir: the same, for torchrun, "
+                   "whose own parser rejects --run as an ambiguous abbreviation)")
     p.add_argument("--masks", required=True, help="prepared dataset, folder of NIfTI masks, or folder of .npy masks (public release format)")
-    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, required=True,
+                   help="number of samples (--num-samples: the same, for torchrun, whose parser rejects --n as ambiguous)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--augment", choices=["paper", "none"], default="paper", help="Locality Condition Augmentation (default: paper)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w of eq. (4) (default 1.0)")

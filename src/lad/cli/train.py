@@ -7,7 +7,9 @@ import argparse
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared dataset folder (lad prepare)")
-    p.add_argument("--run", required=True, help="run folder holding both parts")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder holding both parts (--run-dir: the same, for torchrun, whose own parser rejects --run "
+                   "as an ambiguous abbreviation)")
     p.add_argument("--preset", default="demo", help="paper-abdomenct1k | paper-totalsegmentator | demo | tiny | a YAML file")
     p.add_argument("--variant", choices=["V0", "V1", "V2", "V3", "full"], help="Table 2 ablation (default: the preset's, full)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -44,16 +46,20 @@ def _config(args):
 
 def run_vqgan(args: argparse.Namespace) -> int:
     from lad.training.vqgan_trainer import train_vqgan
+    from lad.utils.log import is_main_process
 
     out = train_vqgan(args.data, args.run, _config(args), resume=args.resume, overwrite=args.overwrite,
                       device=args.device, perceptual_weights=args.perceptual_weights)
-    print(f"VQ-GAN: {out}")
+    if is_main_process():  # under torchrun: once
+        print(f"VQ-GAN: {out}")
     return 0
 
 
 def run_diffusion(args: argparse.Namespace) -> int:
     from lad.training.diffusion_trainer import train_diffusion
+    from lad.utils.log import is_main_process
 
     out = train_diffusion(args.data, args.run, _config(args), resume=args.resume, overwrite=args.overwrite, device=args.device)
-    print(f"diffusion model: {out}")
+    if is_main_process():  # under torchrun: once
+        print(f"diffusion model: {out}")
     return 0

@@ -80,8 +80,10 @@ def _hu_hist(vols: list[np.ndarray], masks: list[np.ndarray], label_sel, bins: n
 
     vals = [unit_to_hu(v[0])[label_sel(m)] for v, m in zip(vols, masks)]
     vals = np.concatenate(vals) if vals else np.zeros(0)
-    h, _ = np.histogram(vals, bins=bins, density=True)
-    return h.tolist()
+    counts, _ = np.histogram(vals, bins=bins)
+    if counts.sum() == 0:  # no voxel of the label in range: an empty histogram, not NaNs
+        return np.zeros(len(bins) - 1).tolist()
+    return (counts / counts.sum() / np.diff(bins)).tolist()
 
 
 def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, features: str = "random-resnet10",

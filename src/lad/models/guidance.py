@@ -28,18 +28,21 @@ def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch
 
 
 def drop_condition(cond: torch.Tensor, null_cond: torch.Tensor, p_uncond: float = 0.25,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Replace each row of ``cond`` by ``null_cond`` with probability ``p_uncond`` (independently per row).
 
     ``cond``: (B, K) float; ``null_cond``: (K,) (the extractor's learned parameter: gradients flow into
     it through the dropped rows). One uniform number per row is drawn from ``generator``.
-    Returns (B, K), same dtype and device as ``cond``.
+    Returns (B, K), same dtype and device as ``cond``. ``shard=(r, w)`` (data-parallel training: ``cond``
+    holds rows ``r::w`` of a global batch of ``B * w``): the numbers are drawn for the global batch and
+    rows ``r::w`` kept, so every row gets the draw one process would give it.
     """
     if not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond!r}")
     if cond.ndim != 2 or null_cond.shape != cond.shape[1:]:
         raise ValueError(f"need cond (B, K) and null_cond (K,), got {tuple(cond.shape)} and {tuple(null_cond.shape)}")
-    u = torch.rand(cond.shape[0], generator=generator, device=_draw_device(generator, cond))
+    r, w = shard
+    u = torch.rand(cond.shape[0] * w, generator=generator, device=_draw_device(generator, cond))[r::w]
     drop = (u < p_uncond).to(cond.device)
     return torch.where(drop[:, None], null_cond.to(cond.dtype).expand_as(cond), cond)
 
@@ -68,19 +71,23 @@ def guided_epsilon(denoiser: Callable[..., torch.Tensor], z_t: torch.Tensor, t: 
 
 
 def diffusion_loss(denoiser: Callable[..., torch.Tensor], scheduler, z0: torch.Tensor, cond: torch.Tensor | None,
-                   generator: torch.Generator | None = None, loss: str = "l1") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   generator: torch.Generator | None = None, loss: str = "l1",
+                   shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Epsilon objective of one batch: ``t ~ U{0, ..., T-1}``, ``eps ~ N(0, I)``,
     ``z_t = scheduler.add_noise(z0, eps, t)``, ``loss(denoiser(z_t, t, cond), eps)`` (mean over all elements).
 
     ``z0``: (B, C, *spatial) float (scaled latent); ``cond``: (B, K) or None; ``scheduler`` needs
     ``num_train_timesteps`` and ``add_noise``; ``loss``: "l1" (the release) or "l2".
-    Returns (scalar loss, logs) with logs = {"diffusion": the detached loss}.
+    Returns (scalar loss, logs) with logs = {"diffusion": the detached loss}. ``shard=(r, w)``: ``z0`` holds
+    samples ``r::w`` of a global batch of ``B * w`` (data-parallel training); ``t`` and ``eps`` are drawn for
+    the global batch and sliced, so each sample gets what one process would draw for it.
     """
     if loss not in ("l1", "l2"):
         raise ValueError(f"loss must be 'l1' or 'l2', got {loss!r}")
     b, dev = z0.shape[0], _draw_device(generator, z0)
-    t = torch.randint(0, int(scheduler.num_train_timesteps), (b,), generator=generator, device=dev).to(z0.device)
-    noise = torch.randn(z0.shape, generator=generator, device=dev).to(z0.device, z0.dtype)
+    r, w = shard
+    t = torch.randint(0, int(scheduler.num_train_timesteps), (b * w,), generator=generator, device=dev)[r::w].to(z0.device)
+    noise = torch.randn((b * w, *z0.shape[1:]), generator=generator, device=dev)[r::w].to(z0.device, z0.dtype)
     z_t = scheduler.add_noise(z0, noise, t)
     pred = denoiser(z_t, t, cond)
     value = F.l1_loss(pred.float(), noise.float()) if loss == "l1" else F.mse_loss(pred.float(), noise.float())

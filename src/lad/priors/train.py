@@ -1,6 +1,6 @@
 """``lad priors train``: a MONAI segmenter on labeled prepared data (four organs + tumour).
 
-MONAI transforms (random crops with a foreground ratio, intensity jitter), DiceCE loss, Adam,
+MONAI transforms (random crops with a foreground ratio, flips, intensity jitter), DiceCE loss, Adam,
 sliding-window validation (overlap 0.5) on the held-out split with Dice per label written to
 ``SEGMENTER/metrics.json`` (so users know how good their priors are). Deterministic per-step batches
 and checkpoints as the generator's trainers (``--resume`` continues bit-for-bit on CPU).
@@ -34,18 +34,21 @@ class SegmenterTrainConfig:
     lr: float = 1e-3
     pos_ratio: float = 2.0
     intensity_jitter: float = 0.05
+    flip_prob: float = 0.1
+    """Probability of a flip along each spatial axis (MONAI's segmentation tutorials use 0.1 per axis)."""
     checkpoint_every: int = 1000
     keep_last: int = 2
     seed: int = 0
 
 
 def _transforms(cfg: SegmenterTrainConfig, window_shape):
-    from monai.transforms import Compose, RandCropByPosNegLabeld, RandScaleIntensityd, RandShiftIntensityd
+    from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 
     roi = tuple(min(r, s) for r, s in zip(cfg.roi_size, window_shape))
     return Compose([
         RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=roi, pos=cfg.pos_ratio, neg=1.0,
                                num_samples=1, allow_smaller=True),
+        *[RandFlipd(keys=["image", "label"], prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)],
         RandScaleIntensityd(keys="image", factors=cfg.intensity_jitter, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=cfg.intensity_jitter, prob=0.5),
     ])

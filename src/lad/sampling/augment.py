@@ -20,9 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from lad.utils.log import get_logger
+
 __all__ = ["AugmentConfig", "draw_augmentation", "apply_augmentation", "augment_mask", "NO_AUGMENTATION"]
 
 NO_AUGMENTATION: dict[str, Any] = {"kind": "none"}
+
+log = get_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -50,6 +54,9 @@ class AugmentConfig:
     min_organ_fraction: float = 0.5
     """A warped mask keeping less than this fraction of its organ + tumour voxels is redrawn."""
     max_redraws: int = 10
+    on_failure: str = "identity"
+    """When every draw lost too much organ (e.g. a fragmented predicted mask): "identity" keeps the mask
+    unaugmented, logs a warning and records ``{"kind": "none", "fallback": True}``; "error" raises."""
 
 
 def draw_augmentation(config: AugmentConfig, shape: tuple[int, int, int], seed: int) -> dict[str, Any]:
@@ -141,7 +148,12 @@ def augment_mask(
         if fg_before == 0 or (out > 0).sum() >= config.min_organ_fraction * fg_before:
             record.update(seed=draw_seed, redraws=attempt)
             return out, record
-    raise ValueError(
-        f"condition augmentation removed more than {1 - config.min_organ_fraction:.0%} of the organ in "
-        f"{config.max_redraws + 1} draws (seed {seed}); reduce the affine/elastic ranges"
-    )
+    msg = (f"condition augmentation removed more than {1 - config.min_organ_fraction:.0%} of the organ in "
+           f"{config.max_redraws + 1} draws (seed {seed})")
+    if config.on_failure == "error":
+        raise ValueError(f"{msg}; reduce the affine/elastic ranges")
+    if config.on_failure != "identity":
+        raise ValueError(f"AugmentConfig.on_failure must be 'identity' or 'error', got {config.on_failure!r}")
+    log.warning("%s; this sample keeps its mask unaugmented (a small or fragmented organ mask?)", msg)
+    return mask.astype(np.uint8, copy=True), {"kind": "none", "fallback": True, "seed": int(seed),
+                                                "redraws": config.max_redraws + 1}

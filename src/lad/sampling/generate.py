@@ -98,6 +98,7 @@ def generate_samples(
     ``stop_after`` (tests) stops after that many new samples, as a killed run would.
     """
     from lad.sampling.pipeline import LadPipeline
+    from lad.utils import distributed as ddist
 
     if settings.augment not in ("paper", "none"):
         raise ValueError(f"--augment must be paper or none, got {settings.augment!r}")
@@ -105,13 +106,21 @@ def generate_samples(
         raise ValueError(f"--format must be nifti or npy, got {settings.format!r}")
     if settings.n < 1:
         raise ValueError(f"--n must be at least 1, got {settings.n}")
-    pipe = LadPipeline.from_run(run, device=device)
+    # torchrun without --shard: one shard per rank, on GPU LOCAL_RANK; a Gloo group (CPU) only for barriers, with a
+    # long timeout (ranks finish their shards at different times)
+    torchrun = shard is None and ddist.env_world()[1] > 1
+    dev = ddist.init_distributed(device, backend="gloo", timeout_min=24 * 60) if torchrun else ddist.local_device(device)
+    pipe = LadPipeline.from_run(run, device=str(dev))
     stats = pipe.latent_stats
     source = MaskSource(masks, shape=pipe.image_shape, spacing=stats.get("spacing"))
     folder = SampleFolder(out)
     saved = {**dataclasses.asdict(settings), "run": str(Path(run).resolve()), "masks": str(Path(masks).resolve()),
              "checkpoint_hash": pipe.checkpoint_hash}
+    if torchrun and not ddist.get_rank() == 0:
+        ddist.barrier()  # rank 0 creates (or, with --overwrite, clears) the folder first
     folder.open(saved, overwrite=overwrite)
+    if torchrun and ddist.get_rank() == 0:
+        ddist.barrier()
     aug_cfg = augment_config or AugmentConfig(elastic_reference_size=256)
     hu_range = quality_range(stats.get("fingerprint"), stats.get("organ", "pancreas"))
     todo = [j for j in shard_indices(settings.n, parse_shard(shard)) if not folder.is_done(j)]
@@ -162,7 +171,11 @@ def generate_samples(
             done += 1
         bar.update(len(batch))
     bar.close()
-    total = folder.rebuild_manifest()
+    if torchrun:  # every shard finished: rank 0 writes the manifest once, from all records
+        ddist.barrier()
+        total = folder.rebuild_manifest() if ddist.get_rank() == 0 else len(list(folder.records.glob("sample_*.json")))
+    else:
+        total = folder.rebuild_manifest()
     secs = time.perf_counter() - t0
     summary = {"written": done, "redrawn": redrawn, "finished_total": total, "requested": settings.n,
                "seconds": round(secs, 2), "seconds_per_volume": round(secs / max(done, 1), 3)}

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 
 from lad.training.checkpoint import CheckpointManager  # noqa: F401  (re-exported: lad.priors.train imports it from here)
+from lad.utils.distributed import all_reduce_mean, all_reduce_min_bool, barrier, broadcast_object, is_distributed
 from lad.utils.log import get_logger, is_main_process, progress
 from lad.utils.seed import derive_seed
 
 __all__ = [
     "resolve_device", "batch_indices", "step_generator", "seed_step", "CheckpointManager", "NonFiniteGuard",
     "Logger", "autocast", "make_grad_scaler", "gather_batch", "check_run_part", "validate_dataset", "data_state",
+    "save_checkpoint", "load_latest_checkpoint",
 ]
 
 log = get_logger(__name__)
@@ -43,8 +45,9 @@ def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
     """Dataset indices of the batch of ``step``: a fresh permutation per epoch from ``(seed, epoch)``.
 
-    A pure function of its arguments, so the data order after a resume is the uninterrupted one. With a
-    ``DistributedSampler``-style split, rank ``r`` of ``w`` would take ``batch_indices(...)[r::w]``.
+    A pure function of its arguments, so the data order after a resume is the uninterrupted one. Under
+    torchrun ``batch_size`` is the global batch and rank ``r`` of ``w`` takes ``batch_indices(...)[r::w]``
+    (``lad.training.parallel.shard_batch``).
     """
     if n == 0:
         raise ValueError("the training split is empty")
@@ -158,16 +161,18 @@ def check_run_part(run: Path, part_dirs: list[str], *, resume: bool, overwrite: 
         raise FileExistsError(
             f"{run}: already holds {', '.join(existing)}; pass --resume to continue or --overwrite to retrain"
         )
-    if overwrite and not resume:
+    if overwrite and not resume and is_main_process():  # under torchrun rank 0 deletes, the others wait
         for d in existing:
             shutil.rmtree(run / d) if (run / d).is_dir() else (run / d).unlink()
+    barrier()
 
 
 class NonFiniteGuard:
     """Skip steps whose loss or gradient norm is NaN/inf; stop with a clear error after ``limit`` in a row.
 
     The check is one boolean read back per step (as ``GradScaler`` does for fp16): the optimiser step
-    must be skipped on the host, and it is negligible next to a 3D network step.
+    must be skipped on the host, and it is negligible next to a 3D network step. Under torch.distributed
+    the flag is AND-reduced over the ranks first, so all ranks skip the same steps and stop together.
     """
 
     def __init__(self, limit: int):
@@ -177,7 +182,7 @@ class NonFiniteGuard:
         finite = torch.isfinite(loss.detach()).all()
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm).all()
-        if bool(finite):
+        if bool(all_reduce_min_bool(finite)):
             self.in_a_row = 0
             return True
         self.in_a_row += 1
@@ -194,10 +199,14 @@ class NonFiniteGuard:
 
 
 class Logger:
-    """TensorBoard writer on the main process only; scalars are reduced on the host every ``log_every`` steps."""
+    """TensorBoard writer on the main process only; scalars are reduced on the host every ``log_every`` steps.
 
-    def __init__(self, logdir: Path, enabled: bool = True, jsonl: Path | None = None):
-        self.writer = None
+    Under torch.distributed ``flush`` (called by every rank at the same steps) averages the accumulated
+    scalars over the ranks (one all-reduce per log interval), so rank 0 logs the global batch's values.
+    """
+
+    def __init__(self, logdir: Path, enabled: bool = True, jsonl: Path | None = None, device: torch.device | str = "cpu"):
+        self.writer, self.device = None, device
         self.jsonl = jsonl if is_main_process() else None
         if enabled and is_main_process():
             from torch.utils.tensorboard import SummaryWriter
@@ -211,6 +220,7 @@ class Logger:
 
     def flush(self, step: int, prefix: str, extra: dict[str, float] | None = None) -> dict[str, float]:
         means = {k: float(torch.stack(v).mean()) for k, v in self._acc.items()}  # one host sync per log interval
+        means = all_reduce_mean(means, self.device)
         self._acc.clear()
         if extra:
             means.update(extra)
@@ -230,6 +240,31 @@ class Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def save_checkpoint(ckpt: CheckpointManager, *args, **kwargs) -> None:
+    """``ckpt.save`` on rank 0 only; every rank waits until it is complete (so any rank may read it)."""
+    if is_main_process():
+        ckpt.save(*args, **kwargs)
+    barrier()
+
+
+def load_latest_checkpoint(ckpt: CheckpointManager, modules, optimizers, device) -> dict | None:
+    """The newest checkpoint, the same one on every rank: rank 0 picks the step, all ranks load that folder
+    (the run folder must be on a filesystem every node sees, docs/distributed.md)."""
+    if not is_distributed():
+        return ckpt.load_latest(modules, optimizers, device)
+    steps = broadcast_object(ckpt.steps())
+    if not steps:
+        return None
+    folder = ckpt.folder(steps[-1])
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: rank 0's newest checkpoint is not visible on this node; the run folder "
+                                "must be on a filesystem shared by all nodes")
+    state = ckpt.load(folder, modules, optimizers, device)
+    if is_main_process():
+        log.info("resuming from %s (step %d)", folder, state["step"])
+    return state
 
 
 def slice_grid(volumes: list[torch.Tensor]) -> np.ndarray:

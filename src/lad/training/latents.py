@@ -8,12 +8,17 @@ dataset manifest: a changed VQ-GAN or dataset invalidates the cache.
 Latent scaling (``RUN/latent_stats.json``): per-channel mean and standard deviation of the training
 latents, ``z_scaled = (z - shift) / scale`` (unit variance, as MAISI scales by 1/std; the release
 min-max scales with the codebook's range, which one outlier code stretches).
+
+Under torch.distributed (``torchrun``) every rank encodes the windows ``rank::world`` and writes them to
+``RUN/latent_cache.parts/``; rank 0 merges the parts into the cache, and all ranks then read it (the run
+folder must be on a filesystem all nodes see, as for checkpoints). The result is the single-process cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lad.utils.atomic import atomic_dir, write_json
-from lad.utils.log import get_logger, progress
+from lad.utils.distributed import barrier, broadcast_object, get_rank, get_world_size
+from lad.utils.log import get_logger, is_main_process, progress
 
 __all__ = ["file_hash", "build_latent_cache", "latent_stats"]
 
@@ -46,15 +52,18 @@ def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: b
     cache = run / "latent_cache"
     key = {"vqgan": file_hash(run / "vqgan" / "model.safetensors"), "manifest": file_hash(dataset.path / "manifest.json"),
            "split": dataset.split, "content": content, "structure": structure, "n": len(dataset)}
-    if (cache / "meta.json").exists() and json.loads((cache / "meta.json").read_text()) == key:
+    valid = (cache / "meta.json").exists() and json.loads((cache / "meta.json").read_text()) == key
+    if broadcast_object(valid):  # rank 0 decides for everyone
         log.info("reusing latent cache %s", cache)
         return load_file(str(cache / "latents.safetensors"))
     if cache.exists():
         log.info("latent cache %s is stale (VQ-GAN or data changed): recomputing", cache)
+    rank, world = get_rank(), get_world_size()
+    mine = list(range(rank, len(dataset), world))
     zs, mzs, bettis = [], [], []
     vqgan = vqgan.to(device).eval()
-    for s in progress(range(0, len(dataset), batch_size), desc="encode latents", unit="batch"):
-        items = [dataset[i] for i in range(s, min(s + batch_size, len(dataset)))]
+    for s in progress(range(0, len(mine), batch_size), desc="encode latents", unit="batch"):
+        items = [dataset[i] for i in mine[s : s + batch_size]]
         x = torch.from_numpy(np.stack([it["image"] for it in items])).to(device)
         m = np.stack([it["mask"] for it in items])
         zs.append(vqgan.encode(x).cpu())
@@ -62,15 +71,46 @@ def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: b
             mzs.append(encode_mask(vqgan, torch.from_numpy(m).to(device)).cpu())
         if structure:
             bettis.append(torch.from_numpy(betti_vectors(m[:, 0])))
-    tensors = {"z": torch.cat(zs)}
-    if content:
-        tensors["mask_z"] = torch.cat(mzs)
-    if structure:
-        tensors["betti"] = torch.cat(bettis)
-    with atomic_dir(cache) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "latents.safetensors"))
-        write_json(tmp / "meta.json", key)
+    tensors = {}
+    if mine:  # (a rank gets no window when there are fewer windows than processes)
+        tensors["z"] = torch.cat(zs)
+        if content:
+            tensors["mask_z"] = torch.cat(mzs)
+        if structure:
+            tensors["betti"] = torch.cat(bettis)
+    if world > 1:
+        tensors = _merge_parts(run, tensors, rank, world, len(dataset))
+    if is_main_process():
+        with atomic_dir(cache) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "latents.safetensors"))
+            write_json(tmp / "meta.json", key)
+    if world > 1:
+        barrier()
+        if is_main_process():
+            shutil.rmtree(run / "latent_cache.parts", ignore_errors=True)
+        return load_file(str(cache / "latents.safetensors"))
     return tensors
+
+
+def _merge_parts(run: Path, part: dict[str, torch.Tensor], rank: int, world: int, n: int) -> dict[str, torch.Tensor]:
+    """Every rank writes its windows ``rank::world``; rank 0 reads all parts back in window order."""
+    folder = run / "latent_cache.parts"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank_{rank}.tmp"
+    save_file({k: v.contiguous() for k, v in part.items()}, str(tmp))
+    tmp.rename(folder / f"rank_{rank}.safetensors")
+    barrier()
+    if not is_main_process():
+        return part
+    parts = [load_file(str(folder / f"rank_{r}.safetensors")) for r in range(world)]
+    out = {}
+    for k, v in part.items():  # rank 0's part: it has at least one window
+        full = torch.empty((n, *v.shape[1:]), dtype=v.dtype)
+        for r in range(world):
+            if r < n:
+                full[r::world] = parts[r][k]
+        out[k] = full
+    return out
 
 
 def latent_stats(z: torch.Tensor) -> dict:

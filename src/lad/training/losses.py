@@ -8,6 +8,7 @@ after ``disc_start`` steps, plus ``locality_weight`` (lambda, default 1.0) x Loc
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -40,18 +41,26 @@ def mask_bounding_boxes(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return box, nonempty
 
 
-def locality_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def locality_loss(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor, *, world: int = 1) -> torch.Tensor:
     """Locality Loss (eq. 2): L1 inside the bounding box of mask labels {1, 2}, averaged over samples.
 
     Per sample: mean absolute difference over the box's voxels (``|x_sub - x_hat_sub|`` as L1 mean);
     then the mean over the samples whose mask is non-empty (empty masks contribute nothing; an
     all-empty batch gives 0 with a gradient path). ``x``, ``x_hat`` (B, C, D, H, W); ``mask`` (B, 1, D, H, W).
+
+    ``world > 1`` (data-parallel training, this rank holds part of the global batch): the count of
+    non-empty samples is all-reduced and the value multiplied by ``world``, so that DDP's mean of the
+    ranks' gradients is the gradient of the GLOBAL batch's mean (the per-rank means would weight a
+    rank's samples by 1 / its own count); the mean over ranks of the returned values is the global value.
     """
     box, nonempty = mask_bounding_boxes(mask)
     diff = (x - x_hat).abs() * box
     per_sample = diff.flatten(1).sum(1) / (box.flatten(1).sum(1) * x.shape[1]).clamp(min=1.0)
     weight = nonempty.to(per_sample.dtype)
-    return (per_sample * weight).sum() / weight.sum().clamp(min=1.0)
+    count = weight.sum()
+    if world > 1:
+        dist.all_reduce(count)
+    return world * (per_sample * weight).sum() / count.clamp(min=1.0)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -85,9 +94,15 @@ class VQGANLoss(nn.Module):
         self.disc2d_weight, self.disc3d_weight = disc2d_weight, disc3d_weight
         self.feature_matching_weight, self.locality_weight, self.disc_start = feature_matching_weight, locality_weight, disc_start
         self.perceptual = perceptual
+        self.rank, self.world = 0, 1  # data-parallel shard of the global batch (set_shard)
         self.disc2d = PatchDiscriminator(spatial_dims=2, channels=disc_channels, num_layers=disc_layers)
         # for 2D images the 2D discriminator sees the whole image and there is no 3D one
         self.disc3d = PatchDiscriminator(spatial_dims=3, channels=disc_channels, num_layers=disc_layers) if spatial_dims == 3 else None
+
+    def set_shard(self, rank: int, world: int) -> None:
+        """This process holds samples ``rank::world`` of each global batch (DDP): random slices are drawn for
+        the global batch and the Locality Loss is normalised by the global count of non-empty masks."""
+        self.rank, self.world = rank, world
 
     def discriminator_parameters(self) -> list[nn.Parameter]:
         """Parameters of both discriminators (for their own optimizer)."""
@@ -99,9 +114,11 @@ class VQGANLoss(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), :, idx]
 
     def _slice_index(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        # drawn on the generator's device (CPU by default), then moved: no host sync
+        # drawn on the generator's device (CPU by default), then moved: no host sync. Drawn for the global
+        # batch and sliced, so each sample gets the slice one process would give it.
         dev = generator.device if generator is not None else "cpu"
-        return torch.randint(0, x.shape[2], (x.shape[0],), generator=generator, device=dev).to(x.device)
+        idx = torch.randint(0, x.shape[2], (x.shape[0] * self.world,), generator=generator, device=dev)
+        return idx[self.rank :: self.world].to(x.device)
 
     def _slices(self, x: torch.Tensor, recon: torch.Tensor, generator: torch.Generator | None):
         if self.spatial_dims == 2:
@@ -122,7 +139,7 @@ class VQGANLoss(nn.Module):
             loss = loss + self.perceptual_weight * p
             logs["perceptual"] = p.detach()
         if self.locality_weight > 0:
-            loc = locality_loss(x, recon, mask)
+            loc = locality_loss(x, recon, mask, world=self.world)
             loss = loss + self.locality_weight * loc
             logs["locality"] = loc.detach()
         if step >= self.disc_start:

@@ -5,6 +5,11 @@ adversarial and feature matching from ``disc_start``), then the discriminators' 
 detached reconstruction. Every random draw of step ``s`` comes from seeds derived from ``(seed, s)``
 and the batch from the per-epoch permutation of ``(seed, epoch)``, so ``resume=True`` continues
 bit-for-bit (CPU) from the last checkpoint in ``RUN/checkpoints/vqgan/``.
+
+Under ``torchrun`` (``lad.training.parallel``): the VQ-GAN and the discriminators are wrapped in
+DistributedDataParallel, ``batch_size`` is the global batch (rank ``r`` takes its samples ``r::world``),
+the discriminators' BatchNorm uses the global batch's statistics, the codebook's EMA statistics and
+restarts are global (``lad.models.quantizer``); rank 0 alone writes logs, checkpoints and weights.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from lad.config import save_config
 from lad.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from lad.training.common import (Logger, NonFiniteGuard, autocast, batch_indices, check_resume_config, check_run_part, data_state,
                                  gather_batch, make_grad_scaler, resolve_device, seed_step, slice_grid, step_generator,
-                                 validate_dataset)
+                                 load_latest_checkpoint, save_checkpoint, validate_dataset)
 from lad.training.config import TrainConfig
+from lad.training.parallel import check_global_batch, shard_batch, sync_batchnorm, wrap_ddp
+from lad.utils.distributed import get_rank, get_world_size, init_distributed
 from lad.utils.log import get_logger, is_main_process, progress
 
 __all__ = ["train_vqgan", "build_vqgan", "VQGAN_OUTPUTS"]
@@ -50,6 +57,19 @@ def open_training_data(data: str | Path, cfg: TrainConfig):
     return ds
 
 
+class _DiscriminatorStep(torch.nn.Module):
+    """The discriminators' loss as one module's forward (what DistributedDataParallel wraps)."""
+
+    def __init__(self, crit: torch.nn.Module):
+        super().__init__()
+        self.crit = crit
+
+    def forward(self, x: torch.Tensor, recon: torch.Tensor, step: int, generator: torch.Generator):
+        from types import SimpleNamespace
+
+        return self.crit.discriminator_loss(x, SimpleNamespace(recon=recon), step, generator)
+
+
 def _buffers(*modules: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(buffer, copy) pairs: the EMA codebook and BatchNorm statistics change in forward passes."""
     return [(b, b.detach().clone()) for m in modules for b in m.buffers()]
@@ -68,7 +88,8 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     from lad.training.losses import VQGANLoss
 
     run = Path(run)
-    dev = resolve_device(device)
+    dev = init_distributed(resolve_device(device))  # torchrun: process group; cuda -> cuda:LOCAL_RANK
+    check_global_batch(cfg.vqgan_train.batch_size, "vqgan_train.batch_size")
     ds = open_training_data(data, cfg)
     if cfg.precision == "fp16" and dev.type != "cuda":
         raise ValueError("precision fp16 needs CUDA; use fp32 (or bf16, slow on CPU) with --device cpu")
@@ -88,17 +109,23 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     run.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, run / "config.yaml")
-    # DDP: wrap `model` and `crit` in DistributedDataParallel here and take batch_indices(...)[rank::world].
-    opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
-    opt_d = torch.optim.Adam(crit.discriminator_parameters(), lr=t.lr, betas=tuple(t.betas))
+    # data parallel (torchrun): global-batch BatchNorm statistics in the discriminators, DDP on the generator
+    # and on the discriminators' loss; outside torchrun these are the modules themselves
+    if get_world_size() > 1:
+        crit = sync_batchnorm(crit, dev)
+        crit.set_shard(get_rank(), get_world_size())
+    model_step, disc_step = wrap_ddp(model, dev), wrap_ddp(_DiscriminatorStep(crit), dev)
+    # fused Adam (one kernel for all tensors) as in the diffusion trainer
+    opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas), fused=True)
+    opt_d = torch.optim.Adam(crit.discriminator_parameters(), lr=t.lr, betas=tuple(t.betas), fused=True)
     scaler_g, scaler_d = make_grad_scaler(dev, cfg.precision), make_grad_scaler(dev, cfg.precision)
     modules, optims = {"vqgan": model, "loss": crit}, {"opt_g": opt_g, "opt_d": opt_d, "scaler_g": scaler_g, "scaler_d": scaler_d}
     ckpt = CheckpointManager(run / "checkpoints" / "vqgan", cfg.logging.keep_last)
     start = 0
-    if resume and (state := ckpt.load_latest(modules, optims, dev)) is not None:
+    if resume and (state := load_latest_checkpoint(ckpt, modules, optims, dev)) is not None:
         start = state["step"]
         restore_rng_state(state["rng"])
-    logger = Logger(run / "tensorboard" / "vqgan", jsonl=run / "logs" / "vqgan.jsonl")
+    logger = Logger(run / "tensorboard" / "vqgan", jsonl=run / "logs" / "vqgan.jsonl", device=dev)
     guard, dguard = NonFiniteGuard(cfg.logging.max_nonfinite_steps), NonFiniteGuard(cfg.logging.max_nonfinite_steps)
     model.train()
     crit.train()
@@ -109,27 +136,32 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
         seed_step(cfg.seed, step, "vqgan")
         gen = step_generator(cfg.seed, step, "vqgan")
         t0 = time.perf_counter()
-        batch = gather_batch(ds, batch_indices(step, t.batch_size, len(ds), cfg.seed), dev)
+        batch = gather_batch(ds, shard_batch(batch_indices(step, t.batch_size, len(ds), cfg.seed)), dev)
         t_data += time.perf_counter() - t0
         x, mask = batch["image"], batch["mask"]
         saved = _buffers(model, crit)
+        disc = crit.discriminator_parameters()
+        for p in disc:  # the generator's pass needs no discriminator gradients (they would be discarded)
+            p.requires_grad_(False)
         with autocast(dev, cfg.precision):
-            out = model(x)
+            out = model_step(x)
             g_loss, logs = crit.generator_loss(x, out, mask, step, gen)
         opt_g.zero_grad(set_to_none=True)
         scaler_g.scale(g_loss).backward()
+        for p in disc:
+            p.requires_grad_(True)
         scaler_g.unscale_(opt_g)
-        g_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        g_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip, foreach=True)
         if guard.ok(g_loss, step, None if scaler_g.is_enabled() else g_norm):
             scaler_g.step(opt_g)
             scaler_g.update()
             if step >= t.disc_start:
                 with autocast(dev, cfg.precision):
-                    d_loss, dlogs = crit.discriminator_loss(x, out, step, gen)
+                    d_loss, dlogs = disc_step(x, out.recon.detach(), step, gen)
                 opt_d.zero_grad(set_to_none=True)
                 scaler_d.scale(d_loss).backward()
                 scaler_d.unscale_(opt_d)
-                d_norm = torch.nn.utils.clip_grad_norm_(crit.discriminator_parameters(), t.grad_clip)
+                d_norm = torch.nn.utils.clip_grad_norm_(crit.discriminator_parameters(), t.grad_clip, foreach=True)
                 if dguard.ok(d_loss, step, None if scaler_d.is_enabled() else d_norm):
                     scaler_d.step(opt_d)
                     logs.update(dlogs)
@@ -152,12 +184,12 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
             t_last, n_last, t_data = now, done, 0.0
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", ppl=f"{means.get('perplexity', 0):.0f}")
-        if cfg.logging.image_every and done % cfg.logging.image_every == 0:
+        if cfg.logging.image_every and done % cfg.logging.image_every == 0 and is_main_process():
             logger.image("vqgan/input_vs_recon", slice_grid([x[0], out.recon[0]]), done)
         # no checkpoint during a run of skipped (non-finite) steps: resume from the last healthy one
-        if (done % cfg.logging.checkpoint_every == 0 or done == t.steps) and guard.in_a_row == 0 and is_main_process():
-            ckpt.save(done, modules, optims, {"rng": capture_rng_state(), "data": data_state(done, t.batch_size, len(ds), cfg.seed)},
-                      metric=running)
+        if (done % cfg.logging.checkpoint_every == 0 or done == t.steps) and guard.in_a_row == 0:
+            save_checkpoint(ckpt, done, modules, optims,
+                            {"rng": capture_rng_state(), "data": data_state(done, t.batch_size, len(ds), cfg.seed)}, metric=running)
     logger.close()
     if end == t.steps and is_main_process():
         model.eval().save_pretrained(run / "vqgan", extra={"trained_steps": t.steps, "variant": cfg.variant})
