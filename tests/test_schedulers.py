@@ -222,3 +222,25 @@ def test_cuda_step_without_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     assert out.device.type == "cuda" and out.shape == z.shape
     assert torch.allclose(noisy.cpu(), ddpm.add_noise(z.cpu(), z.cpu(), torch.tensor([3, 4])), atol=1e-6)
+
+
+def test_clip_sample_range_clamps_the_x0_estimate():
+    """At t = T - 1 (alpha_bar ~ 3e-8 for the cosine table) a small epsilon error makes x0 explode; with
+    ``clip_sample`` the x0 estimate is clamped to +-clip_sample_range and the DDIM step lands at
+    sqrt(a_prev) x0_clipped + sqrt(1 - a_prev) eps_consistent (hand-computed)."""
+    z = torch.full((1, 2, 2), 0.5, dtype=torch.float64)
+    eps = torch.zeros_like(z)  # a wrong epsilon: x0 = z / sqrt(a_T) ~ 3000
+    s = DDIMScheduler(clip_sample=True, clip_sample_range=3.0)
+    s.set_timesteps(2)  # timesteps T - 1, 0
+    t = int(s.timesteps[0])
+    a_t, a_prev = s._abar64[t], s._abar64[0]
+    x0 = (z / a_t.sqrt()).clamp(-3.0, 3.0)
+    assert float(x0.max()) == 3.0
+    eps_c = (z - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_c
+    assert torch.allclose(s.step(eps, t, z), expected, atol=1e-9)
+    unclipped = DDIMScheduler()
+    unclipped.set_timesteps(2)
+    assert float(unclipped.step(eps, t, z).max()) > 1000  # what the clip prevents
+    with pytest.raises(ValueError, match="clip_sample_range"):
+        DDIMScheduler(clip_sample=True, clip_sample_range=0.0)

@@ -81,7 +81,8 @@ class _Scheduler:
     """Shared schedule tables, ``add_noise``, timesteps and save/load."""
 
     def __init__(self, *, num_train_timesteps: int = 300, schedule: str = "cosine", beta_start: float = 1e-4,
-                 beta_end: float = 2e-2, clip_sample: bool = False, prediction_type: str = "epsilon"):
+                 beta_end: float = 2e-2, clip_sample: bool = False, prediction_type: str = "epsilon",
+                 clip_sample_range: float = 1.0):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
         if prediction_type not in PREDICTION_TYPES:
@@ -90,7 +91,10 @@ class _Scheduler:
             raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
         self.config = {"num_train_timesteps": int(num_train_timesteps), "schedule": schedule,
                        "beta_start": float(beta_start), "beta_end": float(beta_end),
-                       "clip_sample": bool(clip_sample), "prediction_type": prediction_type}
+                       "clip_sample": bool(clip_sample), "prediction_type": prediction_type,
+                       "clip_sample_range": float(clip_sample_range)}
+        if self.config["clip_sample_range"] <= 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
         betas = _betas(schedule, self.num_train_timesteps, beta_start, beta_end)
         self._betas64 = betas
         self._abar64 = torch.cumprod(1.0 - betas, dim=0)
@@ -158,7 +162,8 @@ class _Scheduler:
         return (a.sqrt() * noise - (1 - a).sqrt() * sample).to(sample.dtype)
 
     def _x0_eps(self, model_output: torch.Tensor, sample: torch.Tensor, a_t: torch.Tensor):
-        """(predicted x0, predicted epsilon) from the model output; x0 clipped to [-1, 1] if configured."""
+        """(predicted x0, predicted epsilon) from the model output; with ``clip_sample`` x0 is clipped to
+        [-clip_sample_range, clip_sample_range] and epsilon made consistent with it (as diffusers)."""
         pred = self.config["prediction_type"]
         s, r = a_t.sqrt(), (1 - a_t).sqrt()
         if pred == "epsilon":
@@ -168,7 +173,8 @@ class _Scheduler:
         else:  # v_prediction
             x0, eps = s * sample - r * model_output, s * model_output + r * sample
         if self.config["clip_sample"]:
-            x0 = x0.clamp(-1.0, 1.0)
+            c = self.config["clip_sample_range"]
+            x0 = x0.clamp(-c, c)
             eps = (sample - s * x0) / r
         return x0, eps
 

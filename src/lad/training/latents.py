@@ -116,4 +116,7 @@ def _merge_parts(run: Path, part: dict[str, torch.Tensor], rank: int, world: int
 def latent_stats(z: torch.Tensor) -> dict:
     """Per-channel shift/scale of latents ``z`` (N, C, d, h, w)."""
     zc = z.transpose(0, 1).reshape(z.shape[1], -1).double()
-    return {"method": "per-channel mean/std", "shift": zc.mean(1).tolist(), "scale": zc.std(1).clamp(min=1e-6).tolist()}
+    mean, std = zc.mean(1), zc.std(1).clamp(min=1e-6)
+    # the largest |scaled latent| of the training set: the sampler clips its x0 estimates to it
+    abs_max = float(((zc - mean[:, None]) / std[:, None]).abs().max())
+    return {"method": "per-channel mean/std", "shift": mean.tolist(), "scale": std.tolist(), "scaled_abs_max": abs_max}
