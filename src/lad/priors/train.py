@@ -19,7 +19,7 @@ from lad.data.labels import ORGAN_NAMES
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger, progress
 
-__all__ = ["SegmenterTrainConfig", "train_segmenter", "evaluate_segmenter"]
+__all__ = ["SegmenterTrainConfig", "train_segmenter", "evaluate_segmenter", "train_transforms"]
 
 log = get_logger(__name__)
 
@@ -41,10 +41,14 @@ class SegmenterTrainConfig:
     seed: int = 0
 
 
-def _transforms(cfg: SegmenterTrainConfig, window_shape):
+def train_transforms(cfg, window_shape):
+    """Random crop (foreground : background centres = ``cfg.pos_ratio`` : 1), flips (``cfg.flip_prob`` per axis),
+    intensity scale/shift (``cfg.intensity_jitter``, p 0.5 each) on ``{"image", "label"}`` dicts of ``(1, D, H, W)``
+    arrays; the crop is ``cfg.roi_size`` capped by ``window_shape``. Shared by the priors segmenter and
+    ``lad downstream supervised``."""
     from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 
-    roi = tuple(min(r, s) for r, s in zip(cfg.roi_size, window_shape))
+    roi = tuple(int(min(r, s)) for r, s in zip(cfg.roi_size, window_shape))
     return Compose([
         RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=roi, pos=cfg.pos_ratio, neg=1.0,
                                num_samples=1, allow_smaller=True),
@@ -98,7 +102,7 @@ def train_segmenter(data: str | Path, out: str | Path, cfg: SegmenterTrainConfig
     if resume:
         state = ckpt.load_latest({"model": model}, {"opt": opt}, dev)
         start = state["step"] if state else 0
-    tf = _transforms(cfg, train.shape)
+    tf = train_transforms(cfg, train.shape)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     model.train()
     bar = progress(range(start, end), total=end - start, desc="segmenter", unit="step")

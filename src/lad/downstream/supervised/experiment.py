@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lad.config import apply_overrides, load_preset, save_config, to_dict
+from lad.priors.train import train_transforms
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger, progress
 
@@ -96,21 +97,6 @@ def load_supervised_config(preset: str, overrides: list[str] | None = None) -> S
 def _lr_at(cfg: SupervisedConfig, step: int) -> float:
     """Learning rate of ``step``: constant, or nnU-Net's poly decay ``lr * (1 - step / steps) ** 0.9``."""
     return cfg.lr if cfg.lr_schedule == "constant" else cfg.lr * (1 - step / cfg.steps) ** 0.9
-
-
-def train_transforms(cfg: SupervisedConfig, window_shape: Sequence[int]):
-    """Random crop (foreground : background centres = ``pos_ratio`` : 1), flips (``flip_prob`` per axis), intensity
-    scale/shift (``intensity_jitter``, p 0.5 each) on ``{"image", "label"}`` dicts of ``(1, D, H, W)`` arrays."""
-    from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
-
-    roi = tuple(int(min(r, s)) for r, s in zip(cfg.roi_size, window_shape))
-    return Compose([
-        RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=roi, pos=cfg.pos_ratio, neg=1.0,
-                               num_samples=1, allow_smaller=True),
-        *[RandFlipd(keys=["image", "label"], prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)],
-        RandScaleIntensityd(keys="image", factors=cfg.intensity_jitter, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=cfg.intensity_jitter, prob=0.5),
-    ])
 
 
 def train_model(items, folder: Path, cfg: SupervisedConfig, *, spacing, window_shape, device: torch.device,
