@@ -19,6 +19,16 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     # curves, MDS, slices, histograms, closest synthetic-training pairs
     assert len(re.findall(r"data:image/png;base64,", html)) == 5
     assert "MDS" in html and "closest synthetic-training pairs" in html
+    # the README picture: rows real / Lad / V0, one column per volume (at most 6; tiny: 4 samples per model), 1.9 x 2.0 in at 80 dpi
+    from PIL import Image
+
+    from lad.data.dataset import PreparedDataset
+
+    n_test = len(PreparedDataset(out / "prepared", split="test"))
+    n_real = n_test if n_test >= 2 else len(PreparedDataset(out / "prepared", split="train"))  # evaluate()'s fallback
+    cols = min(6, max(4, n_real))
+    with Image.open(out / "figures" / "overview.png") as img:
+        assert img.format == "PNG" and img.size == (round(1.9 * cols * 80), round(2.0 * 3 * 80))
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert set(metrics["sets"]) == {"Lad", "V0 (Medical Diffusion)"}
     assert all((out / ".stages" / f"{s}.done").exists() for s in STAGES)

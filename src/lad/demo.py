@@ -231,8 +231,10 @@ def _write_demo_report(out: Path, preset: str, cfg, sample, timings: dict) -> No
     ds_train = PreparedDataset(out / "prepared", split="train")
     real = ([ds_test[i]["image"] for i in range(len(ds_test))], [ds_test[i]["mask"][0] for i in range(len(ds_test))])
     train_vols = [ds_train[i]["image"] for i in range(len(ds_train))]
-    if len(real[0]) < 2:
+    real_label = "real (held-out)"
+    if len(real[0]) < 2:  # as evaluate() does: the training windows are the real set
         real = (train_vols, [ds_train[i]["mask"][0] for i in range(len(ds_train))])
+        real_label = "real (training)"
     box = max_bounding_box([ds_train[i]["mask"][0] for i in range(len(ds_train))])
     fx = FeatureExtractor.from_spec("random-resnet10")  # what evaluate() used (the demo passes no --features)
     sets = {name: load_synthetic(Path(e["path"])) for name, e in results["sets"].items()}
@@ -244,16 +246,40 @@ def _write_demo_report(out: Path, preset: str, cfg, sample, timings: dict) -> No
     extra = {"Memorisation: closest synthetic-training pairs": closest_pairs_figure(pairs)} if pairs else {}
     write_report(out, results, embeds, sets, real, box, title="lad demo: Lad vs Medical Diffusion (V0) on phantom CT",
                  preface=preface, extra_figures=extra)
-    _write_overview_png(out / "figures" / "overview.png", sets, real, box)
+    _write_overview_png(out / "figures" / "overview.png", sets, real, real_label=real_label)
 
 
-def _write_overview_png(path: Path, sets: dict, real: tuple, box) -> None:
-    """A small PNG of the report's slice figure (one held-out window, one sample per model), for sharing (README)."""
-    import base64
+def _write_overview_png(path: Path, sets: dict, real: tuple, *, real_label: str = "real (held-out)", n: int = 6) -> None:
+    """A PNG for sharing (README): one row per set (held-out real, then each model), the middle slice of its
+    first ``n`` volumes with the organ contour. The first volumes of each set, not selected ones."""
+    import matplotlib
 
-    from lad.evaluation.report import _slices_figure
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    rows = {"real (held-out)": (real[0][:1], real[1][:1]), **{k: (v[0][:1], v[1][:1]) for k, v in reversed(list(sets.items()))}}
+    from lad.data.labels import unit_to_hu
+
+    rows = {real_label: real, **dict(reversed(list(sets.items())))}
+    rows = {name: (list(v[0][:n]), list(v[1][:n])) for name, v in rows.items()}
+    cols = max(len(v[0]) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.0 * len(rows)), squeeze=False)
+    for r, (name, (vols, masks)) in enumerate(rows.items()):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(vols):
+                ax.axis("off")
+                continue
+            z = vols[c].shape[1] // 2
+            ax.imshow(unit_to_hu(vols[c][0, z]), cmap="gray", vmin=-160, vmax=240)
+            if (masks[c][z] > 0).any():
+                ax.contour(masks[c][z] > 0, levels=[0.5], colors="#00e5ff", linewidths=0.6)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=9)
+    fig.suptitle(f"middle slice of the first {cols} volumes of each set (window -160..240 HU; cyan: organ mask)", fontsize=9)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(base64.b64decode(_slices_figure(rows, box, n=1)))
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
