@@ -6,7 +6,8 @@
 * ``python -m torch.distributed.run --nproc_per_node 2 -m lad train vqgan`` (the CLI path) and a spawned
   2-process ``train_diffusion`` give the weights and logged values of an in-process 1-rank run with the
   same global batch;
-* ``... -m lad sample`` on 2 ranks writes the same files, volumes and manifest as one process.
+* ``... -m lad sample`` on 2 ranks writes the same files, volumes and manifest as one process;
+* two torchrun launches as two nodes (``--nnodes 2``, c10d rendezvous on localhost) train what one process does.
 
 Tolerances: ranks sum gradients in another order than one process does (DDP averages two partial sums),
 so values agree to float32 rounding (~1e-7 relative per operation). Logged losses and gradient norms, which
@@ -348,3 +349,28 @@ def test_two_rank_sampling_equals_one_rank(runs, tiny_prepared):
     name = "sample_000001_ct.nii.gz"
     assert np.array_equal(np.asarray(nib.load(root / "s1" / "samples" / name).dataobj),
                           np.asarray(nib.load(root / "s2" / "samples" / name).dataobj))
+
+
+def test_two_node_rendezvous_equals_one_rank(runs, tiny_prepared):
+    """docs/distributed.md's 2-node command on one host: two torchrun launches (``--nnodes 2``, one process each)
+    meet through the c10d rendezvous and train the diffusion model of the 1-rank run (no code change)."""
+    import socket
+
+    one, root = runs["one"], runs["root"]
+    run = root / "nodes"
+    shutil.copytree(one / "vqgan", run / "vqgan")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAD_NO_PROGRESS": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "lad-test",
+         "-m", "lad", "train", "diffusion", "--data", str(tiny_prepared), "--run-dir", str(run), "--preset", "tiny",
+         *_sets(DIFF_SET), "--no-progress"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    for part in ("denoiser", "denoiser_ema", "condition", "condition_raw"):
+        _assert_weights_close(load_file(str(one / part / "model.safetensors")), load_file(str(run / part / "model.safetensors")), 3)
+    _assert_logs_close(one / "logs" / "diffusion.jsonl", run / "logs" / "diffusion.jsonl")
