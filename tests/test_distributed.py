@@ -63,8 +63,12 @@ def _spawn(fn, tmp_path: Path, *args) -> None:
     mp.spawn(_worker, args=(WORLD, str(tmp_path / "rendezvous"), fn, args), nprocs=WORLD, join=True)
 
 
+def _torchrun_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "LAD_NO_PROGRESS": "1"}
+
+
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAD_NO_PROGRESS": "1"}
+    env = _torchrun_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--standalone",
            "-m", "lad", *args]
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -362,14 +366,18 @@ def test_two_node_rendezvous_equals_one_rank(runs, tiny_prepared):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAD_NO_PROGRESS": "1"}
+    env = _torchrun_env()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
          "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "lad-test",
          "-m", "lad", "train", "diffusion", "--data", str(tiny_prepared), "--run-dir", str(run), "--preset", "tiny",
          *_sets(DIFF_SET), "--no-progress"],
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:  # a node that lost its peer must not outlive the test
+        for p in procs:
+            p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     for part in ("denoiser", "denoiser_ema", "condition", "condition_raw"):
         _assert_weights_close(load_file(str(one / part / "model.safetensors")), load_file(str(run / part / "model.safetensors")), 3)

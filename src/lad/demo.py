@@ -258,6 +258,7 @@ def _write_overview_png(path: Path, sets: dict, real: tuple, *, real_label: str 
     import matplotlib.pyplot as plt
 
     from lad.data.labels import unit_to_hu
+    from lad.evaluation.report import SOFT_TISSUE_WINDOW, ct_panel
 
     rows = {real_label: real, **dict(reversed(list(sets.items())))}
     rows = {name: (list(v[0][:n]), list(v[1][:n])) for name, v in rows.items()}
@@ -266,18 +267,15 @@ def _write_overview_png(path: Path, sets: dict, real: tuple, *, real_label: str 
     for r, (name, (vols, masks)) in enumerate(rows.items()):
         for c in range(cols):
             ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
             if c >= len(vols):
                 ax.axis("off")
                 continue
             z = vols[c].shape[1] // 2
-            ax.imshow(unit_to_hu(vols[c][0, z]), cmap="gray", vmin=-160, vmax=240)
-            if (masks[c][z] > 0).any():
-                ax.contour(masks[c][z] > 0, levels=[0.5], colors="#00e5ff", linewidths=0.6)
+            ct_panel(ax, unit_to_hu(vols[c][0, z]), masks[c][z])
             if c == 0:
                 ax.set_ylabel(name, fontsize=9)
-    fig.suptitle(f"middle slice of the first {cols} volumes of each set (window -160..240 HU; cyan: organ mask)", fontsize=9)
+    lo, hi = SOFT_TISSUE_WINDOW
+    fig.suptitle(f"middle slice of the first {cols} volumes of each set (window {lo}..{hi} HU; cyan: organ mask)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".png") as tmp:

@@ -66,6 +66,18 @@ def _mds_figure(embeds: dict[str, np.ndarray]) -> str:
     return _png(fig)
 
 
+SOFT_TISSUE_WINDOW = (-160, 240)  # HU display window of every CT panel in the reports
+
+
+def ct_panel(ax, hu: np.ndarray, mask: np.ndarray | None = None) -> None:
+    """One 2D CT slice (HU) in the soft-tissue window, with the organ contour where ``mask > 0``; no ticks."""
+    ax.imshow(hu, cmap="gray", vmin=SOFT_TISSUE_WINDOW[0], vmax=SOFT_TISSUE_WINDOW[1])
+    if mask is not None and (mask > 0).any():
+        ax.contour(mask > 0, levels=[0.5], colors="#00e5ff", linewidths=0.6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def _slices_figure(sets: dict[str, tuple[list, list]], box, n: int = 3) -> str:
     import matplotlib
 
@@ -82,20 +94,14 @@ def _slices_figure(sets: dict[str, tuple[list, list]], box, n: int = 3) -> str:
         hu = unit_to_hu(v[0])
         for c, z in enumerate(zs):
             ax = axes[r][c]
-            ax.imshow(hu[z], cmap="gray", vmin=-160, vmax=240)
-            if (m[z] > 0).any():
-                ax.contour(m[z] > 0, levels=[0.5], colors="#00e5ff", linewidths=0.6)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ct_panel(ax, hu[z], m[z])
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
             if r == 0:
                 ax.set_title(f"slice {z}", fontsize=8)
         zc = (box[0].start + box[0].stop) // 2
         ax = axes[r][-1]
-        ax.imshow(hu[zc, box[1], box[2]], cmap="gray", vmin=-160, vmax=240)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ct_panel(ax, hu[zc, box[1], box[2]])
         if r == 0:
             ax.set_title("organ region (zoom)", fontsize=8)
     fig.tight_layout()
@@ -115,7 +121,7 @@ def closest_pairs_figure(pairs: list[tuple[str, np.ndarray, np.ndarray, float]])
     for r, (name, syn, train, dist) in enumerate(pairs):
         z = syn.shape[1] // 2
         for c, (v, title) in enumerate(((syn, f"{name}: synthetic"), (train, f"nearest training (d={dist:.3g})"))):
-            axes[r][c].imshow(unit_to_hu(v[0])[z], cmap="gray", vmin=-160, vmax=240)
+            ct_panel(axes[r][c], unit_to_hu(v[0])[z])
             axes[r][c].set_title(title, fontsize=8)
             axes[r][c].axis("off")
     fig.tight_layout()
