@@ -45,7 +45,7 @@ def build_vqgan(cfg: TrainConfig):
     return VQGAN(spatial_dims=3, in_channels=1, out_channels=1, channels=tuple(m.channels), num_res_blocks=m.num_res_blocks,
                  downsample=tuple(m.downsample), embedding_dim=m.embedding_dim, num_embeddings=m.num_embeddings,
                  commitment_cost=m.commitment_cost, decay=m.decay, norm_num_groups=m.norm_num_groups,
-                 dead_code_threshold=m.dead_code_threshold)
+                 dead_code_threshold=m.dead_code_threshold, architecture=m.architecture)
 
 
 def open_training_data(data: str | Path, cfg: TrainConfig):
@@ -101,7 +101,7 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     crit = VQGANLoss(l1_weight=t.l1_weight, perceptual_weight=t.perceptual_weight, perceptual=PerceptualLoss.maybe(perceptual_weights),
                      disc2d_weight=t.disc2d_weight, disc3d_weight=t.disc3d_weight, feature_matching_weight=t.feature_matching_weight,
                      locality_weight=t.locality_weight, disc_start=t.disc_start, disc_channels=t.disc_channels,
-                     disc_layers=t.disc_layers).to(dev)
+                     disc_layers=t.disc_layers, disc_kernel=t.disc_kernel, feature_matching=t.feature_matching).to(dev)
     check_run_part(run, VQGAN_OUTPUTS, resume=resume, overwrite=overwrite)
     if overwrite and (run / "denoiser_ema").exists():
         log.warning("%s: the diffusion model was trained on the previous VQ-GAN's latents; retrain it "
