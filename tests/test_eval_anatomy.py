@@ -88,6 +88,8 @@ def test_body_and_bone_pass_for_a_real_like_volume_and_bone_must_sit_at_the_spin
     ref = AnatomyReference.from_real(real)
     assert ref.body_range == (pytest.approx(body_fraction(real[0])), pytest.approx(body_fraction(real[2])))
     assert ref.bone_min_voxels == 7  # 10 % of the spine core (8 slices x 3 x 3 = 72 voxels), rounded
+    d = ref.to_dict()  # the core (rows 23-25, columns 15-17, every slice) dilated by 2 voxels
+    assert d["spine_region_box"] == [[0, 8], [21, 28], [13, 20]] and d["spine_region_voxels"] == 8 * 7 * 7
     ok = ref.check(_abdomen(12.5))
     assert ok["body_ok"] and ok["bone_ok"]
     assert ref.check(_abdomen(12.0, spine_at=(7, 16)))["bone_ok"] is False  # bone in front of the body, not at the spine

@@ -184,11 +184,12 @@ class AnatomyReference:
         return cls(body_range=(min(fr), max(fr)), spine=spine, bone_min_voxels=max(1, int(round(bone_min_fraction * core.sum()))),
                    ranges=ranges)
 
-    def check(self, hu: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
-        """One volume: ``body_fraction``, ``body_ok``, ``bone_ok`` and (with ``labels``) ``present`` per structure."""
+    def check(self, hu: np.ndarray, labels: np.ndarray | None = None, *, body: np.ndarray | None = None) -> dict[str, Any]:
+        """One volume: ``body_fraction``, ``body_ok``, ``bone_ok`` and (with ``labels``) ``present`` per structure.
+        ``body``: the volume's :func:`body_component` when the caller has it already."""
         if hu.shape != self.spine.shape:
             raise ValueError(f"volume of shape {hu.shape}, but the real windows are {self.spine.shape}")
-        f = body_fraction(hu)
+        f = float((body_component(hu) if body is None else body).mean())
         out: dict[str, Any] = {"body_fraction": f, "body_ok": bool(self.body_range[0] <= f <= self.body_range[1]),
                                "bone_ok": bool(self.spine.any() and has_spine_bone(hu, self.spine, min_voxels=self.bone_min_voxels))}
         if labels is not None and self.ranges is not None:

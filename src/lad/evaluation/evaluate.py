@@ -190,10 +190,11 @@ def _score_set(ref: AnatomyReference | None, vols: list[np.ndarray], masks: list
         pred = segment(seg, v, device) if seg is not None else None
         if pred is not None:
             fd.update(pred, m)
+        body = body_component(hu)
         hu_s["organ"].add(hu, m == 1)
-        hu_s["body"].add(hu, body_component(hu))
+        hu_s["body"].add(hu, body)
         if ref is not None:
-            checks.append(ref.check(hu, pred))
+            checks.append(ref.check(hu, pred, body=body))
         else:
             labels.append(pred)
             hus.append(hu)

@@ -195,7 +195,8 @@ def _anatomy_table(results: dict[str, Any]) -> str:
             for name, e in results["sets"].items() if "body_ok_fraction" in e]
     if not rows:
         return ""
-    rows.append(row(f"real ({real.get('split', 'test')}, ceiling)", real, ("0 (reference)", "0 (reference)")))
+    label = "real (held-out, ceiling)" if real.get("split", "test") == "test" else "real (training windows, ceiling)"
+    rows.append(row(label, real, ("0 (reference)", "0 (reference)")))
     a = results["settings"].get("anatomy", {})
     lo, hi = a.get("body_fraction_range", (float("nan"), float("nan")))
     note = (f"<p>Present: the segmenter's voxel count of the structure lies inside the range of its counts on the real windows "
