@@ -171,15 +171,16 @@ class AnatomyReference:
 
     @classmethod
     def from_real(cls, real_hu: list[np.ndarray], real_labels: list[np.ndarray] | None = None, *,
-                  bone_min_fraction: float = 0.1) -> "AnatomyReference":
+                  bone_min_fraction: float = 0.1, spine_dilate: int = 2) -> "AnatomyReference":
         """``real_hu``: HU volumes ``(D, H, W)`` of the real windows; ``real_labels``: the segmenter's label maps
-        of the same windows (None: no presence check). The minimum bone component is ``bone_min_fraction`` of
-        the spine core (the voxels that are bone in at least half of the real windows), at least 1 voxel."""
+        of the same windows (None: no presence check). The spine region is :func:`spine_region` (dilated by
+        ``spine_dilate`` voxels); the minimum bone component is ``bone_min_fraction`` of the spine core (the
+        voxels that are bone in at least half of the real windows, before dilation), at least 1 voxel."""
         if not real_hu:
             raise ValueError("AnatomyReference needs at least one real window")
         fr = [body_fraction(h) for h in real_hu]
         core = spine_region(real_hu, dilate=0)
-        spine = ndimage.binary_dilation(core, structure=_FULL, iterations=2) if core.any() else core
+        spine = ndimage.binary_dilation(core, structure=_FULL, iterations=spine_dilate) if core.any() and spine_dilate else core
         ranges = presence_ranges([structure_voxels(lab) for lab in real_labels]) if real_labels is not None else None
         return cls(body_range=(min(fr), max(fr)), spine=spine, bone_min_voxels=max(1, int(round(bone_min_fraction * core.sum()))),
                    ranges=ranges)

@@ -161,7 +161,10 @@ def _table(results: dict[str, Any]) -> str:
                   f"<td>{e['memorisation']['n_flagged']}/{e['n']}</td><td>{html.escape(fd_txt)}</td><td>{e['n']}</td>")
         rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
     real = results["real"]
-    rows.append(f"<tr><th>real (held-out)</th><td colspan=4></td><td>{real['ms_ssim']:.4g}</td><td colspan=5></td><td>{real['n']}</td></tr>")
+    fd = real.get("fidelity_dice")
+    fd_txt = html.escape(", ".join(f"{k} {v:.3f}" for k, v in fd.items()) + " (ceiling)") if fd else ""
+    rows.append(f"<tr><th>real (held-out)</th><td colspan=4></td><td>{real['ms_ssim']:.4g}</td><td colspan=4></td><td>{fd_txt}</td>"
+                f"<td>{real['n']}</td></tr>")
     return f"<table><tr><th></th>{head}{extra_head}</tr>{''.join(rows)}</table>"
 
 
@@ -184,7 +187,8 @@ def _anatomy_table(results: dict[str, Any]) -> str:
         cells = ""
         if has_anat:
             a = e.get("anatomy")
-            cells += "".join(f"<td>{_fmt(a['present_fraction'][s])}</td>" for s in STRUCTURES) if a else f"<td colspan={len(STRUCTURES)}></td>"
+            cells += ("".join(f"<td>{_fmt(a['present_fraction'][s])}</td>" for s in STRUCTURES) if a
+                      else f"<td colspan={len(STRUCTURES)}></td>")
             cells += f"<td><b>{_fmt(a[mean_key])}</b></td>" if a else "<td></td>"
         fd = (e.get("fidelity_dice") or {}).get("organ")
         cells += (f"<td>{_fmt(e.get('body_ok_fraction'))}</td><td>{_fmt(e.get('bone_ok_fraction'))}</td><td>{w1[0]}</td><td>{w1[1]}</td>"
