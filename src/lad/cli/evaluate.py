@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="report folder (metrics.json, report.html)")
     p.add_argument("--features", default="random-resnet10",
                    help="medicalnet-resnet{10,18,34,50}:/path/weights.pth, or random-resnetN (default; labelled as such)")
-    p.add_argument("--segmenter", help="segmenter folder (lad priors train) for conditioning-fidelity Dice")
+    p.add_argument("--segmenter", help="segmenter folder (lad priors train) for the conditioning-fidelity Dice and the anatomy-present check")
     p.add_argument("--pairs", type=int, default=400, help="MS-SSIM pairs (default 400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

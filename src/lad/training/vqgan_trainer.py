@@ -34,7 +34,8 @@ __all__ = ["train_vqgan", "build_vqgan", "VQGAN_OUTPUTS"]
 log = get_logger(__name__)
 
 # What a VQ-GAN (re)training owns in the run folder; the latent cache and stats depend on its weights.
-VQGAN_OUTPUTS = ["vqgan", "checkpoints/vqgan", "tensorboard/vqgan", "logs/vqgan.jsonl", "latent_cache", "latent_stats.json"]
+VQGAN_OUTPUTS = ["vqgan", "checkpoints/vqgan", "tensorboard/vqgan", "logs/vqgan.jsonl", "latent_cache", "latent_stats.json",
+                 "vqgan_reconstruction.json"]
 
 
 def build_vqgan(cfg: TrainConfig):
@@ -194,4 +195,9 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     if end == t.steps and is_main_process():
         model.eval().save_pretrained(run / "vqgan", extra={"trained_steps": t.steps, "variant": cfg.variant})
         log.info("VQ-GAN saved to %s", run / "vqgan")
+        from lad.evaluation.reconstruction import write_reconstruction_report
+
+        rec = write_reconstruction_report(model, data, run / "vqgan_reconstruction.json", device=dev)
+        log.info("VQ-GAN on the %s windows: MAE %.1f HU in the body, %d codes used", rec["split"], rec["mae_body_hu"] or float("nan"),
+                 rec["codes_used"])
     return run / "vqgan"
