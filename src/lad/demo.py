@@ -37,7 +37,7 @@ STAGES = ("phantom", "prepare", "train", "sample", "baseline", "segmenter", "eva
 
 _PRESETS = {
     # phantom subjects (n, spacing, size, workers), prepare / train / segmenter presets, samples per model, DDIM steps, MS-SSIM pairs
-    "demo": dict(n=30, spacing=(3.0, 3.0, 2.5), size=(128, 128), prepare="demo", train="demo", samples=16, steps=50, pairs=100,
+    "demo": dict(n=150, spacing=(3.0, 3.0, 2.5), size=(128, 128), prepare="demo", train="demo", samples=16, steps=50, pairs=100,
                  segmenter="demo", segmenter_set=[], workers=2),
     "tiny": dict(n=6, spacing=(6.0, 6.0, 5.0), size=(64, 64), prepare="tiny", train="tiny", samples=4, steps=5, pairs=6,
                  segmenter="tiny", segmenter_set=["steps=30", "checkpoint_every=30"], workers=1),
