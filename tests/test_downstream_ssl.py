@@ -493,3 +493,26 @@ def test_cli_synthetic_options():
     assert a.synthetic_episode_fraction == 0.3 and a.synthetic_volumes is None and a.test_scans == "original"
     a = p.parse_args(["--data", "d", "--train", "real+synthetic", "--out", "o", "--synthetic-volumes", "0,8,16"])
     assert a.synthetic_volumes == "0,8,16" and a.synthetic_episode_fraction is None and a.synthetic_ratio is None
+
+
+def test_original_scan_of_a_totalsegmentator_case(tmp_path):
+    from pathlib import Path
+
+    from lad.data.dataset import PreparedDataset
+    from lad.data.originals import read_original_case
+    from lad.data.prepare import PrepareConfig, prepare_dataset
+    from lad.downstream.ssl.data import original_scans
+
+    real = next((p / "shared" / "data" / "real-ct" / "patient-a" for p in Path(__file__).resolve().parents
+                 if (p / "shared" / "data" / "real-ct" / "patient-a").exists()), None)
+    if real is None:
+        pytest.skip("the real TotalSegmentator example (shared/data/real-ct/patient-a) is not here")
+    cfg = PrepareConfig(spacing=(3.0, 3.0, 3.0), size=(96, 96), depth=8, stride=4, split=1.0)
+    prepare_dataset("totalsegmentator", real, tmp_path / "prep", cfg)
+    (scan,) = original_scans(tmp_path / "prep", "train")  # per-structure binary files, kidney = left | right
+    ds = PreparedDataset(tmp_path / "prep", split="train")
+    case = read_original_case(tmp_path / "prep", "patient-a")
+    in_windows = sorted({z for w in ds.windows for z in range(*w["z_range"])})
+    # nothing of the organs is cut from the whole scan; the liver reaches far above the pancreas windows
+    assert (scan.organs == 1).sum() == (case.organs == 1).sum() > 1.5 * (case.organs[in_windows] == 1).sum() > 0
+    assert {1, 2, 3, 4} <= set(np.unique(scan.organs).tolist()) and scan.image.shape[1:] == (96, 96)

@@ -95,6 +95,8 @@ def read_original_case(prepared: str | Path, patient: str) -> OriginalCase:
         case = load_case(spec)
     except CaseError as e:
         raise OriginalCaseError(str(e)) from None
+    if case.organs is None:
+        raise OriginalCaseError(f"{windows[0]['source_labels']}: no labels found (labels of prepared patient {patient})")
     image = _resample(case.image, cfg["spacing"], sitk.sitkLinear, HU_MIN)
     organs = _resample(case.organs, cfg["spacing"], sitk.sitkNearestNeighbor, 0)
     hu = sitk.GetArrayFromImage(image)
