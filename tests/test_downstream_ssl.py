@@ -479,6 +479,12 @@ def test_synthetic_share_is_a_set_composition_by_default_and_sizes_sweep(tiny_pr
     md = (out / "sweep.md").read_text().splitlines()
     assert md[2].startswith("| synthetic_volumes |") and len([line for line in md if line.startswith("| ")]) == 4
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # --resume keeps every finished size; another size list is another experiment
+    again = run_ssl(tiny_prepared, out, cfg, train="real+synthetic", synthetic=samples, runs=1, synthetic_volumes="0,2,4",
+                    resume=True)
+    assert [s["runs"] for s in again["sweep"]] == [s["runs"] for s in sw["sweep"]]
+    with pytest.raises(ValueError, match="different settings"):
+        run_ssl(tiny_prepared, out, cfg, train="real+synthetic", synthetic=samples, runs=1, synthetic_volumes="0,4", resume=True)
 
 
 def test_cli_synthetic_options():

@@ -34,8 +34,8 @@ TEST_ORGANS = ("liver", "kidney", "spleen", "pancreas")
 
 @dataclasses.dataclass
 class Scan:
-    """One volume: ``image`` (D, H, W) float32 (float16 for original test scans) in [0, 1] (HU [-1000, 400]); ``organs`` (D, H, W) uint8 organ
-    label map (0 bg, 1 liver, 2 kidney, 3 spleen, 4 pancreas, 5 tumour) or None (unlabeled)."""
+    """One volume: ``image`` (D, H, W) float32 (float16 for original test scans) in [0, 1] (HU [-1000, 400]);
+    ``organs`` (D, H, W) uint8 organ label map (0 bg, 1 liver, 2 kidney, 3 spleen, 4 pancreas, 5 tumour) or None (unlabeled)."""
 
     id: str
     image: np.ndarray

@@ -527,7 +527,8 @@ def plot_scaling(results: dict, path: Path, key: str = "metrics") -> None:
     test = (f"{results['n_ood_patients']} out-of-distribution test patients ({Path(results['ood_test']).name})"
             if metrics_key == "metrics_ood" else f"{results['n_test_patients']} test patients")
     fig.suptitle(f"Supervised scaling ({results['network']}, preset {results['preset']}, {test}; NSD tolerance organ "
-                 f"{tol['organ']} mm / tumour {tol['tumor']} mm; early <= {results['definitions']['early_tumor_diameter_mm']} mm)", fontsize=10)
+                 f"{tol['organ']} mm / tumour {tol['tumor']} mm; "
+                 f"early <= {results['definitions']['early_tumor_diameter_mm']} mm)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)
