@@ -74,8 +74,22 @@ class DiffusionTrainConfig:
     # what the denoiser predicts: "epsilon" (the paper), "v_prediction" or "sample" (x0)
     prediction: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     ema_decay: float = 0.995
+    ema_every: int = 1
+    """Update the EMA on every ``ema_every``-th step (``lad.training.ema.ema_step``). Ours: 1, from step 0
+    (``ema_start``), so short schedules (demo: 1200 steps) get an average at all; the release (paper presets):
+    every 10 steps from step 2000, a plain copy of the weights before."""
+    ema_start: int = 0
+    beta_max: float = 0.999
+    """Clip of the cosine betas. Ours: 0.999 (Nichol & Dhariwal's and MONAI's value; the last alpha_bar of a
+    300-step schedule is 2.7e-8); the release (paper presets): 0.9999 (2.7e-9)."""
     p_uncond: float = 0.25
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.ema_every < 1 or self.ema_start < 0:
+            raise ValueError(f"ema_every must be >= 1 and ema_start >= 0, got {self.ema_every} and {self.ema_start}")
+        if not 0.0 < self.beta_max < 1.0:
+            raise ValueError(f"beta_max must be in (0, 1), got {self.beta_max}")
 
 
 @dataclasses.dataclass
