@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lad.config import ConfigError
+from lad.config import ConfigError, to_dict
 from lad.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from lad.training.common import NonFiniteGuard, batch_indices, check_resume_config, check_run_part, data_state, validate_dataset
 from lad.training.config import resolve_train_config
@@ -227,3 +227,18 @@ def test_ema_and_beta_clip_presets():
     for bad in ("diffusion_train.ema_every=0", "diffusion_train.beta_max=1.0"):
         with pytest.raises(ConfigError):
             resolve_train_config("tiny", [bad])
+
+
+def test_resume_config_fills_keys_the_run_predates(tmp_path):
+    """A run saved before diffusion_train.ema_every / ema_start / beta_max existed ran with their defaults: it
+    resumes with them, and refuses the paper presets' release values."""
+    import yaml
+
+    cfg = resolve_train_config("tiny")
+    old = to_dict(cfg)
+    for k in ("ema_every", "ema_start", "beta_max"):
+        del old["diffusion_train"][k]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_resume_config(tmp_path, cfg, ("diffusion_train",))
+    with pytest.raises(ValueError, match=r"keys \['ema_every'\]"):
+        check_resume_config(tmp_path, resolve_train_config("tiny", ["diffusion_train.ema_every=10"]), ("diffusion_train",))
