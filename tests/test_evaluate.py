@@ -24,9 +24,9 @@ def test_classical_mds_recovers_distances():
 
 
 def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
-    s = SampleSettings(n=3, steps=3, quality_check=False)
+    s = SampleSettings(n=3, steps=3, quality_check=True, max_retries=1)  # the optional median-HU selection
     generate_samples(tiny_run, tiny_prepared, tmp_path / "a", s)
-    generate_samples(tiny_run, tiny_prepared, tmp_path / "b", SampleSettings(n=3, steps=3, quality_check=False, augment="none"))
+    generate_samples(tiny_run, tiny_prepared, tmp_path / "b", SampleSettings(n=3, steps=3, augment="none"))
     res = evaluate(tiny_prepared, {"Lad": tmp_path / "a", "noaug": tmp_path / "b"}, tmp_path / "rep", n_pairs=3)
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert set(m["sets"]) == {"Lad", "noaug"}
@@ -39,11 +39,17 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
     assert m["real"]["body_ok_fraction"] == 1.0 and "fidelity_dice" not in m["real"] and "anatomy" not in m["real"]
     assert m["settings"]["anatomy"]["presence_ranges_voxels"] is None and m["settings"]["anatomy"]["bone_min_voxels"] >= 1
     assert m["settings"]["pretrained_features"] is False and "not MedicalNet" in m["settings"]["features"]
+    # the selection is recorded per set; sets sampled with different selection are flagged
+    sel = m["sets"]["Lad"]["selection"]
+    assert sel["quality_check"] is True and sel["max_retries"] == 1 and sel["draws"] == 3 + sel["rejected"]
+    assert m["sets"]["noaug"]["selection"]["quality_check"] is False and m["settings"]["selection_identical"] is False
     box = m["settings"]["localized_box"]
     assert len(box) == 3 and all(0 <= a < b for a, b in box)
     html = (tmp_path / "rep" / "report.html").read_text()
     assert len(re.findall(r"data:image/png;base64,", html)) == 4 and "random-initialised" in html  # MDS, slices, HU, closest pairs
     assert "Anatomy and realism checks" in html and "VQ-GAN reconstruction (held-out windows)" in html
+    assert f"median HU, {sel['rejection_rate']:.0%} of {sel['draws']} draws rejected" in html
+    assert "different median-HU selection" in html
     r = subprocess.run([sys.executable, "-m", "lad", "evaluate", "--real", str(tiny_prepared), "--synthetic", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "r2")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a lad sample folder" in r.stderr

@@ -27,6 +27,7 @@ from lad.evaluation.crops import apply_box, max_bounding_box
 from lad.evaluation.diversity import pairwise_ms_ssim
 from lad.evaluation.memorisation import memorisation_report
 from lad.evaluation.realism import fid, mmd, prdc
+from lad.sampling.generate import selection_summary
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger
 
@@ -150,6 +151,7 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
             "memorisation": memorisation_report(f_syn, f_train, f_real),
             "hu_hist": {"organ": _hu_hist(vols, masks, lambda m: m == 1, bins)},
             "n_features_dim": r_fid.details["feature_dim"],
+            "selection": selection_summary(Path(folder)),  # the optional median-HU redraws of `lad sample`
         }
         scored = _score_set(ref, vols, masks, seg, device)
         entry.update(ref.summarize(scored["checks"]))
@@ -162,6 +164,11 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
         results["sets"][name] = entry
         embeds[name] = f_syn
         figures_data[name] = (vols, masks)
+    selections = {(e["selection"]["quality_check"], e["selection"]["max_retries"]) for e in results["sets"].values()}
+    results["settings"]["selection_identical"] = len(selections) <= 1
+    if len(selections) > 1:
+        log.warning("the synthetic sets were sampled with different median-HU selection settings: their metrics are not "
+                    "comparable (sample every set with the same --quality-check / --max-retries)")
     results["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "metrics.json", results)
     from lad.evaluation.report import closest_pairs_figure, write_report

@@ -147,24 +147,33 @@ def _hist_figure(results: dict[str, Any]) -> str:
     return _png(fig)
 
 
+def _selection_text(sel: dict[str, Any] | None) -> str:
+    """The median-HU selection of a sample set, as the report shows it (``lad.sampling.generate.selection_summary``)."""
+    if not sel or not sel.get("quality_check"):
+        return "none"
+    return f"median HU, {sel['rejection_rate']:.0%} of {sel['draws']} draws rejected"
+
+
 def _table(results: dict[str, Any]) -> str:
     cols = [("FID", "fid"), ("MMD", "mmd"), ("FID loc.", "fid_localized"), ("MMD loc.", "mmd_localized"),
             ("MS-SSIM", "ms_ssim")]
     head = "".join(f"<th>{c}</th>" for c, _ in cols)
-    extra_head = "<th>precision</th><th>recall</th><th>coverage</th><th>memorised</th><th>fidelity Dice</th><th>N</th>"
+    extra_head = ("<th>precision</th><th>recall</th><th>coverage</th><th>memorised</th><th>fidelity Dice</th>"
+                  "<th>selection</th><th>N</th>")
     rows = []
     for name, e in results["sets"].items():
         cells = "".join(f"<td>{e[k]:.4g}</td>" for _, k in cols)
         fd = e.get("fidelity_dice")
         fd_txt = ", ".join(f"{k} {v:.3f}" for k, v in fd.items()) if fd else "n/a (no --segmenter)"
         cells += (f"<td>{e['prdc']['precision']:.3f}</td><td>{e['prdc']['recall']:.3f}</td><td>{e['prdc']['coverage']:.3f}</td>"
-                  f"<td>{e['memorisation']['n_flagged']}/{e['n']}</td><td>{html.escape(fd_txt)}</td><td>{e['n']}</td>")
+                  f"<td>{e['memorisation']['n_flagged']}/{e['n']}</td><td>{html.escape(fd_txt)}</td>"
+                  f"<td>{html.escape(_selection_text(e.get('selection')))}</td><td>{e['n']}</td>")
         rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
     real = results["real"]
     fd = real.get("fidelity_dice")
     fd_txt = html.escape(", ".join(f"{k} {v:.3f}" for k, v in fd.items()) + " (ceiling)") if fd else ""
     rows.append(f"<tr><th>real (held-out)</th><td colspan=4></td><td>{real['ms_ssim']:.4g}</td><td colspan=4></td><td>{fd_txt}</td>"
-                f"<td>{real['n']}</td></tr>")
+                f"<td></td><td>{real['n']}</td></tr>")
     return f"<table><tr><th></th>{head}{extra_head}</tr>{''.join(rows)}</table>"
 
 
@@ -243,6 +252,9 @@ def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarra
     warn = "" if s["pretrained_features"] else (
         "<p class=warn>Features come from a <b>random-initialised</b> 3D ResNet (no MedicalNet weights given): "
         "FID/MMD/PRDC values are comparable only with numbers from the same extractor, not with the paper's.</p>")
+    if not s.get("selection_identical", True):
+        warn += ("<p class=warn>The synthetic sets were sampled with <b>different median-HU selection</b> settings (column "
+                 "'selection'): their metrics are not comparable.</p>")
     figs = {"MDS embedding (Figure 4 style)": _mds_figure(embeds),
             "Slices 25/50/75% and the organ region (Figure 5 style)": _slices_figure({**sets, "real": (real[0], real[1])}, box),
             "Intensity realism": _hist_figure(results), **(extra_figures or {})}
