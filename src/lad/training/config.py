@@ -60,7 +60,10 @@ class DenoiserConfig:
     num_res_blocks: int = 2
     num_head_channels: int = 32
     norm_num_groups: int = 32
-    conditioning: Literal["embedding", "cross_attention"] = "embedding"
+    conditioning: Literal["embedding", "concat", "cross_attention"] = "embedding"
+    """How the condition vector enters (``lad.models.denoiser``): "embedding", an MLP's output added to the time
+    embedding (ours, the default); "concat", the raw vector concatenated to it (the public release's);
+    "cross_attention"."""
 
 
 @dataclasses.dataclass
