@@ -28,6 +28,8 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
     generate_samples(tiny_run, tiny_prepared, tmp_path / "a", s)
     generate_samples(tiny_run, tiny_prepared, tmp_path / "b", SampleSettings(n=3, steps=3, augment="none"))
     res = evaluate(tiny_prepared, {"Lad": tmp_path / "a", "noaug": tmp_path / "b"}, tmp_path / "rep", n_pairs=3)
+    with pytest.raises(ValueError, match="ellipses must be"):
+        evaluate(tiny_prepared, {"Lad": tmp_path / "a"}, tmp_path / "rep2", ellipses="circles")
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert set(m["sets"]) == {"Lad", "noaug"}
     for e in m["sets"].values():
@@ -50,6 +52,7 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
     assert "Anatomy and realism checks" in html and "VQ-GAN reconstruction (held-out windows)" in html
     assert f"median HU, {sel['rejection_rate']:.0%} of {sel['draws']} draws rejected" in html
     assert "different median-HU selection" in html
+    assert m["settings"]["mds_ellipses"] == "least-squares" and "least-squares ellipses" in html
     r = subprocess.run([sys.executable, "-m", "lad", "evaluate", "--real", str(tiny_prepared), "--synthetic", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "r2")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a lad sample folder" in r.stderr
@@ -71,3 +74,26 @@ def test_report_renders_in_a_headless_browser(tiny_run, tiny_prepared, tmp_path)
 
     img = Image.open(shot).convert("L")
     assert img.size == (1200, 3000) and len(set(img.getdata())) > 50  # the figures drew, not a blank page
+
+
+def test_mds_ellipses_least_squares_fit_and_two_sigma():
+    """The MDS figure's ellipses: the paper's least-squares fit recovers an ellipse the points lie on; the
+    2-sigma covariance ellipse (an option) does not (it is 2 standard deviations wide)."""
+    import numpy as np
+
+    from lad.evaluation.report import fit_ellipse
+
+    t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    a, b, th, c = 3.0, 1.0, 0.4, np.array([2.0, -1.0])
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    pts = c + np.c_[a * np.cos(t), b * np.sin(t)] @ rot.T
+    centre, axes, theta = fit_ellipse(pts)
+    np.testing.assert_allclose(centre, c, atol=1e-6)
+    np.testing.assert_allclose(axes, (a, b), atol=1e-6)
+    assert np.isclose(np.cos(2 * (theta - th)), 1.0)  # the same axis direction (up to a half turn)
+    centre2, axes2, _ = fit_ellipse(pts, "2-sigma")
+    np.testing.assert_allclose(centre2, c, atol=1e-6)
+    assert axes2[0] == pytest.approx(2 * a / np.sqrt(2), rel=0.02)  # sd of a*cos(t) is a / sqrt(2)
+    assert fit_ellipse(pts[:4]) is None
+    with pytest.raises(ValueError, match="ellipses must be"):
+        fit_ellipse(pts, "circle")

@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="medicalnet-resnet{10,18,34,50}:/path/weights.pth, or random-resnetN (default; labelled as such)")
     p.add_argument("--segmenter", help="segmenter folder (lad priors train) for the conditioning-fidelity Dice and the anatomy-present check")
     p.add_argument("--pairs", type=int, default=400, help="MS-SSIM pairs (default 400)")
+    p.add_argument("--ellipses", choices=["least-squares", "2-sigma"], default="least-squares",
+                   help="MDS figure: least-squares ellipse fits (the paper's Figure 4, default) or 2-sigma covariance ellipses")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
@@ -29,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from lad.evaluation.evaluate import evaluate, parse_synthetic_args
 
     res = evaluate(args.real, parse_synthetic_args(args.synthetic), args.out, features=args.features, n_pairs=args.pairs,
-                   seed=args.seed, device=args.device, overwrite=args.overwrite, segmenter=args.segmenter)
+                   seed=args.seed, device=args.device, overwrite=args.overwrite, segmenter=args.segmenter,
+                   ellipses=args.ellipses)
     for name, e in res["sets"].items():
         print(f"{name}: FID {e['fid']:.4g} MMD {e['mmd']:.4g} FIDloc {e['fid_localized']:.4g} MMDloc {e['mmd_localized']:.4g} "
               f"MS-SSIM {e['ms_ssim']:.4f} (real {res['real']['ms_ssim']:.4f}) N={e['n']}")

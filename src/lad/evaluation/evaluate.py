@@ -93,10 +93,16 @@ def _hu_hist(vols: list[np.ndarray], masks: list[np.ndarray], label_sel, bins: n
 
 def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, features: str = "random-resnet10",
              n_pairs: int = 400, seed: int = 0, device: str = "cpu", overwrite: bool = False,
-             segmenter: str | Path | None = None) -> dict[str, Any]:
-    """Compute every metric for each synthetic set against the real prepared dataset; write the report."""
+             segmenter: str | Path | None = None, ellipses: str = "least-squares") -> dict[str, Any]:
+    """Compute every metric for each synthetic set against the real prepared dataset; write the report.
+
+    ``ellipses``: the MDS figure's, "least-squares" fits (the paper's) or "2-sigma" (``report.fit_ellipse``)."""
     from lad.utils.atomic import prepare_output_dir
 
+    from lad.evaluation.report import ELLIPSES
+
+    if ellipses not in ELLIPSES:
+        raise ValueError(f"ellipses must be one of {ELLIPSES}, got {ellipses!r}")
     t0 = time.perf_counter()
     out = prepare_output_dir(out, overwrite=overwrite, resume=True)
     real = Path(real)
@@ -131,7 +137,7 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
         "sets": {},
         "settings": {"features": fx.label, "pretrained_features": fx.is_pretrained, "localized_box": [[s.start, s.stop] for s in box],
                      "ms_ssim": real_div.details, "n_pairs": n_pairs, "seed": seed, "hu_bins": bins.tolist(),
-                     "anatomy": ref.to_dict()},
+                     "anatomy": ref.to_dict(), "mds_ellipses": ellipses},
         "versions": _versions(),
     }
     embeds = {"real": f_real}
@@ -176,7 +182,7 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     pairs = [(name, figures_data[name][0][p["synthetic"]], train_vols[p["train"]], p["distance"])
              for name, e in results["sets"].items() for p in e["memorisation"]["closest_pairs"][:2]]
     extra = {"Memorisation: closest synthetic-training pairs": closest_pairs_figure(pairs)} if pairs else {}
-    write_report(out, results, embeds, figures_data, (real_vols, real_masks), box, extra_figures=extra)
+    write_report(out, results, embeds, figures_data, (real_vols, real_masks), box, extra_figures=extra, ellipses=ellipses)
     log.info("evaluation written to %s (%.1f s)", out, results["seconds"])
     return results
 

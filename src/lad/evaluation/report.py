@@ -12,7 +12,7 @@ import numpy as np
 
 from lad.utils.atomic import write_text
 
-__all__ = ["write_report", "classical_mds"]
+__all__ = ["write_report", "classical_mds", "fit_ellipse", "ELLIPSES"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
@@ -28,6 +28,45 @@ def classical_mds(x: np.ndarray, dims: int = 2) -> np.ndarray:
     return v[:, order] * np.sqrt(np.clip(w[order], 0, None))
 
 
+ELLIPSES = ("least-squares", "2-sigma")
+
+
+def fit_ellipse(points: np.ndarray, kind: str = "least-squares") -> tuple[np.ndarray, tuple[float, float], float] | None:
+    """``(centre (2,), (semi-axis a, semi-axis b), angle of axis a in radians)`` of an ellipse for points (N, 2).
+
+    "least-squares": the direct least-squares fit of an ellipse to the points (Halir & Flusser, scikit-image's
+    ``EllipseModel``), as the paper's Figure 4 ("we fit an ellipse to the embedding with the least squares");
+    None when it fails (fewer than 5 points, degenerate). "2-sigma": the covariance ellipse at 2 standard
+    deviations (ours; None below 3 points).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    if kind == "2-sigma":
+        if len(pts) < 3:
+            return None
+        w, v = np.linalg.eigh(np.cov(pts.T))
+        return pts.mean(0), (2 * np.sqrt(max(w[-1], 0)), 2 * np.sqrt(max(w[0], 0))), float(np.arctan2(v[1, -1], v[0, -1]))
+    if kind != "least-squares":
+        raise ValueError(f"ellipses must be one of {ELLIPSES}, got {kind!r}")
+    if len(pts) < 5:
+        return None
+    from skimage.measure import EllipseModel
+
+    if hasattr(EllipseModel, "from_estimate"):  # scikit-image >= 0.26
+        m = EllipseModel.from_estimate(pts)
+        if not m:
+            return None
+        centre, axes, theta = m.center, m.axis_lengths, m.theta
+    else:
+        m = EllipseModel()
+        if not m.estimate(pts):
+            return None
+        xc, yc, a, b, theta = m.params
+        centre, axes = (xc, yc), (a, b)
+    if not np.all(np.isfinite([*centre, *axes, theta])):
+        return None
+    return np.asarray(centre, dtype=np.float64), (float(axes[0]), float(axes[1])), float(theta)
+
+
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -37,7 +76,7 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _mds_figure(embeds: dict[str, np.ndarray]) -> str:
+def _mds_figure(embeds: dict[str, np.ndarray], ellipses: str = "least-squares") -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,13 +94,11 @@ def _mds_figure(embeds: dict[str, np.ndarray]) -> str:
         s += len(embeds[n])
         c = _COLORS[i % len(_COLORS)]
         ax.scatter(pts[:, 0], pts[:, 1], s=14, color=c, label=f"{n} (N={len(pts)})", alpha=0.75)
-        if len(pts) > 2:
-            cov = np.cov(pts.T)
-            w, v = np.linalg.eigh(cov)
-            ang = np.degrees(np.arctan2(v[1, -1], v[0, -1]))
-            ax.add_patch(Ellipse(pts.mean(0), 4 * np.sqrt(max(w[-1], 0)), 4 * np.sqrt(max(w[0], 0)), angle=ang,
-                                 fill=False, color=c, lw=1.5))
-    ax.set_title("MDS of 3D features (2-sigma ellipses)")
+        fit = fit_ellipse(pts, ellipses)
+        if fit is not None:
+            centre, (a, b), theta = fit
+            ax.add_patch(Ellipse(centre, 2 * a, 2 * b, angle=np.degrees(theta), fill=False, color=c, lw=1.5))
+    ax.set_title(f"MDS of 3D features ({ellipses} ellipses)")
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -246,8 +283,9 @@ def _reconstruction_table(results: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarray], sets: dict, real: tuple, box,
-                 title: str = "lad evaluation", preface: str = "", extra_figures: dict[str, str] | None = None) -> Path:
-    """Write ``out/report.html`` (self-contained: images embedded)."""
+                 title: str = "lad evaluation", preface: str = "", extra_figures: dict[str, str] | None = None,
+                 ellipses: str = "least-squares") -> Path:
+    """Write ``out/report.html`` (self-contained: images embedded); ``ellipses``: the MDS figure's (``fit_ellipse``)."""
     s = results["settings"]
     warn = "" if s["pretrained_features"] else (
         "<p class=warn>Features come from a <b>random-initialised</b> 3D ResNet (no MedicalNet weights given): "
@@ -255,7 +293,7 @@ def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarra
     if not s.get("selection_identical", True):
         warn += ("<p class=warn>The synthetic sets were sampled with <b>different median-HU selection</b> settings (column "
                  "'selection'): their metrics are not comparable.</p>")
-    figs = {"MDS embedding (Figure 4 style)": _mds_figure(embeds),
+    figs = {f"MDS embedding (Figure 4 style, {ellipses} ellipses)": _mds_figure(embeds, ellipses),
             "Slices 25/50/75% and the organ region (Figure 5 style)": _slices_figure({**sets, "real": (real[0], real[1])}, box),
             "Intensity realism": _hist_figure(results), **(extra_figures or {})}
     fig_html = "".join(f"<h3>{html.escape(k)}</h3><img src='data:image/png;base64,{v}'>" for k, v in figs.items())
