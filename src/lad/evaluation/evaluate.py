@@ -97,9 +97,8 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     """Compute every metric for each synthetic set against the real prepared dataset; write the report.
 
     ``ellipses``: the MDS figure's, "least-squares" fits (the paper's) or "2-sigma" (``report.fit_ellipse``)."""
-    from lad.utils.atomic import prepare_output_dir
-
     from lad.evaluation.report import ELLIPSES
+    from lad.utils.atomic import prepare_output_dir
 
     if ellipses not in ELLIPSES:
         raise ValueError(f"ellipses must be one of {ELLIPSES}, got {ellipses!r}")
