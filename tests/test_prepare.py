@@ -313,3 +313,12 @@ def test_one_window_per_case_centred_on_the_organ(tmp_path):
         counts[mode] = [w["patient"] for w in ds.windows]
     assert len(counts["sliding"]) > len(set(counts["sliding"]))  # several windows of some case
     assert sorted(counts["one"]) == sorted(set(counts["sliding"]))  # exactly one per case
+    # a folder prepared before `windows` existed was prepared with sliding windows: it resumes as such
+    settings_file = tmp_path / "sliding" / "prepare_settings.json"
+    old = json.loads(settings_file.read_text())
+    del old["config"]["windows"]
+    settings_file.write_text(json.dumps(old))
+    tiny = lambda mode: load_prepare_config("tiny", {"depth": 2, "stride": 1, "windows": mode})
+    assert prepare_dataset("abdomenct1k", tmp_path / "raw", tmp_path / "sliding", tiny("sliding"))["kept"] == 2
+    with pytest.raises(OutputExistsError, match="windows: 'sliding' -> 'one'"):
+        prepare_dataset("abdomenct1k", tmp_path / "raw", tmp_path / "sliding", tiny("one"))

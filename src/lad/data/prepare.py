@@ -261,7 +261,9 @@ def _settings_differ(path: Path, settings: dict[str, Any]) -> str:
     except json.JSONDecodeError:
         return f"{path.name} is unreadable"
     new = json.loads(json.dumps(settings))
-    flat_old = {**{k: v for k, v in old.items() if k != "config"}, **old.get("config", {})}
+    # a key the folder's settings predate (e.g. windows) had its default value then
+    defaults = json.loads(json.dumps(to_dict(PrepareConfig())))
+    flat_old = {**{k: v for k, v in old.items() if k != "config"}, **defaults, **old.get("config", {})}
     flat_new = {**{k: v for k, v in new.items() if k != "config"}, **new["config"]}
     keys = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
     return ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in keys)
