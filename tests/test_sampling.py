@@ -198,7 +198,8 @@ def test_median_hu_selection_is_off_by_default_and_recorded(tiny_run, tiny_prepa
                                                    "rejection_rate": 0.0, "kept_out_of_range": 0}
     on = generate_samples(run, tiny_prepared, tmp_path / "on", SampleSettings(n=2, steps=2, quality_check=True, max_retries=2))
     assert on["redrawn"] == 4
-    assert all(json.loads(line)["quality"]["redraws"] == 2 for line in (tmp_path / "on" / "manifest.jsonl").read_text().splitlines())
+    lines = (tmp_path / "on" / "manifest.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["quality"]["redraws"] == 2 for line in lines)
     sel = selection_summary(tmp_path / "on")
     assert (sel["quality_check"], sel["draws"], sel["rejected"], sel["kept_out_of_range"]) == (True, 6, 4, 2)
     assert sel["rejection_rate"] == pytest.approx(4 / 6)

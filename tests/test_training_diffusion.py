@@ -209,8 +209,8 @@ def test_release_ema_schedule_and_beta_clip_resume(handmade_prepared, handmade_r
     # before ema_start the EMA is a copy of the weights: with the last update (step 4 of 0..4) before the
     # start, the EMA weights are the final raw weights
     c = _with_vqgan(handmade_run, tmp_path / "c")
-    train_diffusion(handmade_prepared, c, resolve_train_config("tiny", [*sets[:3], "diffusion_train.steps=5",
-                                                                        "diffusion_train.ema_every=2", "diffusion_train.ema_start=5"]))
+    late = [*sets[:3], "diffusion_train.steps=5", "diffusion_train.ema_every=2", "diffusion_train.ema_start=5"]
+    train_diffusion(handmade_prepared, c, resolve_train_config("tiny", late))
     assert _equal(_weights(c / "denoiser_ema"), _weights(c / "denoiser"))
 
 

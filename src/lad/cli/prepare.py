@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from lad.data.prepare import load_prepare_config, prepare_dataset
 
     overrides = {
-        "spacing": args.spacing, "size": args.size, "depth": args.depth, "windows": args.windows, "stride": args.stride, "organ": args.organ,
+        "spacing": args.spacing, "size": args.size, "depth": args.depth, "windows": args.windows, "stride": args.stride,
+        "organ": args.organ,
         "require": [o.strip() for part in args.require for o in part.split(",") if o.strip()] if args.require else None,
         "split": args.split, "seed": args.seed,
     }
