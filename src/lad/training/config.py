@@ -50,6 +50,10 @@ class VQGANTrainConfig:
     disc_channels: int = 64
     disc_layers: int = 3
     disc_kernel: int = 3  # 4: pix2pix's and the release's PatchGAN; 3: ours
+    # learning-rate schedule of both optimisers: "constant" (the release) or "cosine" (ours: linear warm-up over
+    # lr_warmup steps, then a cosine decay to 0 at the last step)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup: int = 0
     feature_matching: Literal["mean", "sum"] = "mean"  # "sum" over discriminator layers: the release
 
 

@@ -14,6 +14,7 @@ restarts are global (``lad.models.quantizer``); rank 0 alone writes logs, checkp
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -47,6 +48,17 @@ def build_vqgan(cfg: TrainConfig):
                  downsample=tuple(m.downsample), embedding_dim=m.embedding_dim, num_embeddings=m.num_embeddings,
                  commitment_cost=m.commitment_cost, decay=m.decay, norm_num_groups=m.norm_num_groups,
                  dead_code_threshold=m.dead_code_threshold, architecture=m.architecture)
+
+
+def lr_at(step: int, t) -> float:
+    """Learning rate of step ``step`` (0-based) under ``t.lr_schedule``: constant, or a linear warm-up over
+    ``t.lr_warmup`` steps followed by a cosine decay from ``t.lr`` to 0 at step ``t.steps``."""
+    if t.lr_schedule == "constant":
+        return t.lr
+    if step < t.lr_warmup:
+        return t.lr * (step + 1) / t.lr_warmup
+    span = max(t.steps - t.lr_warmup, 1)
+    return t.lr * 0.5 * (1 + math.cos(math.pi * min(step - t.lr_warmup, span) / span))
 
 
 def open_training_data(data: str | Path, cfg: TrainConfig):
@@ -134,6 +146,9 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     bar = progress(range(start, end), total=end - start, desc="vqgan", unit="step", disable=not progress_bar)
     t_last, n_last, t_data, running = time.perf_counter(), start, 0.0, float("nan")
     for step in bar:
+        for opt in (opt_g, opt_d):  # a function of the step alone: a resumed run continues it exactly
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, t)
         seed_step(cfg.seed, step, "vqgan")
         gen = step_generator(cfg.seed, step, "vqgan")
         t0 = time.perf_counter()
