@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import finite_float, positive_int
+
 
 def register(parts: argparse._SubParsersAction) -> None:
     p = parts.add_parser(
@@ -16,11 +18,11 @@ def register(parts: argparse._SubParsersAction) -> None:
                    "images; test split: labeled scans for the 1-shot evaluation)")
     p.add_argument("--synthetic", metavar="SAMPLES_DIR", help="`lad sample` output folder (for --train synthetic / real+synthetic)")
     p.add_argument("--train", required=True, choices=["real", "synthetic", "real+synthetic"], help="training volumes")
-    p.add_argument("--synthetic-fraction", type=float, default=0.2,
+    p.add_argument("--synthetic-fraction", type=finite_float(0.0, 1.0), default=0.2,
                    help="real+synthetic: fraction of training episodes drawn from synthetic volumes (default 0.2, the paper's)")
     p.add_argument("--setting", type=int, choices=[1, 2], default=1,
                    help="1: all training slices; 2: training slices containing the test organ excluded (one model per organ)")
-    p.add_argument("--runs", type=int, default=5, help="training runs with seeds seed..seed+runs-1 (default 5)")
+    p.add_argument("--runs", type=positive_int, default=5, help="training runs with seeds seed..seed+runs-1 (default 5)")
     p.add_argument("--preset", default="demo", help="paper | demo | tiny | a YAML file (default demo)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
     p.add_argument("--backbone-weights", metavar="PATH", help="local torchvision DeepLabV3/ResNet checkpoint for the backbone "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import nonneg_int
+
 
 def register(parts: argparse._SubParsersAction) -> None:
     p = parts.add_parser(
@@ -15,7 +17,7 @@ def register(parts: argparse._SubParsersAction) -> None:
         "See docs/downstream-supervised.md.")
     p.add_argument("--data", required=True, help="prepared dataset folder (`lad prepare`) with train and test splits")
     p.add_argument("--synthetic", help="`lad sample` output folder on the same grid (without it: the real arm only)")
-    p.add_argument("--synthetic-multiple", type=int, default=3,
+    p.add_argument("--synthetic-multiple", type=nonneg_int, default=3,
                    help="synthetic volumes per real training window (capped by what the folder holds; default 3)")
     p.add_argument("--real-sizes", default="2,4,8", help="comma-separated numbers of real training patients (default 2,4,8)")
     p.add_argument("--preset", default="demo", help="paper | demo | tiny | a YAML file (default demo)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate synthetic volumes against real ones (FID, MMD, MS-SSIM, ...)",
@@ -17,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", default="random-resnet10",
                    help="medicalnet-resnet{10,18,34,50}:/path/weights.pth, or random-resnetN (default; labelled as such)")
     p.add_argument("--segmenter", help="segmenter folder (lad priors train) for conditioning-fidelity Dice")
-    p.add_argument("--pairs", type=int, default=400, help="MS-SSIM pairs (default 400)")
+    p.add_argument("--pairs", type=positive_int, default=400, help="MS-SSIM pairs (default 400)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")

@@ -137,7 +137,7 @@ def predict_priors(input: str | Path, out: str | Path, *, segmenter: str | Path 
     """Predict label maps for every CT of ``input`` into ``out``; returns a summary."""
     import SimpleITK as sitk
 
-    from lad.data.io import CaseError, read_image
+    from lad.data.io import CaseError, check_ct, read_image
 
     if backend == "totalsegmentator":
         if importlib.util.find_spec("totalsegmentator") is None or shutil.which("TotalSegmentator") is None:
@@ -167,6 +167,7 @@ def predict_priors(input: str | Path, out: str | Path, *, segmenter: str | Path 
             continue
         try:
             raw = read_image(path)
+            check_ct(raw, path)
         except CaseError as e:
             failed.append({"case": cid, "reason": str(e)})
             log.warning("%s", e)

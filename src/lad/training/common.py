@@ -131,6 +131,11 @@ def check_resume_config(run: Path, cfg, sections: tuple[str, ...]) -> None:
     from lad.config import to_dict
     import yaml
 
+    for part, key in (("vqgan", "vqgan_train"), ("diffusion", "diffusion_train")):
+        done = CheckpointManager(run / "checkpoints" / part).steps()
+        if key in sections and done and done[-1] > getattr(cfg, key).steps:
+            raise ValueError(f"{run / 'checkpoints' / part}: --resume with {key}.steps={getattr(cfg, key).steps}, but the "
+                             f"newest checkpoint is already at step {done[-1]}; resume with at least that many steps")
     f = run / "config.yaml"
     if not f.exists():
         return

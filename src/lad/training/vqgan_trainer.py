@@ -37,6 +37,43 @@ log = get_logger(__name__)
 VQGAN_OUTPUTS = ["vqgan", "checkpoints/vqgan", "tensorboard/vqgan", "logs/vqgan.jsonl", "latent_cache", "latent_stats.json"]
 
 
+# What depends on the VQ-GAN's weights: trained on (or computed from) its latents.
+DOWNSTREAM_OF_VQGAN = ["denoiser", "denoiser_ema", "condition", "condition_raw", "scheduler", "checkpoints/diffusion",
+                       "latent_cache", "latent_stats.json"]
+
+
+def check_downstream(run: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool, discard: bool) -> list[str]:
+    """The diffusion parts a VQ-GAN training would invalidate (to delete once training may start).
+
+    Raises ``FileExistsError`` naming them unless ``discard``. Nothing is invalidated when the VQ-GAN
+    will not change (``resume`` with its newest checkpoint already at ``vqgan_train.steps``)."""
+    existing = [d for d in DOWNSTREAM_OF_VQGAN if (run / d).exists()]
+    if not existing or not (resume or overwrite):
+        return []  # without --resume/--overwrite an existing VQ-GAN is refused by check_run_part
+    done = CheckpointManager(run / "checkpoints" / "vqgan").steps()
+    if resume and not overwrite and done and done[-1] >= cfg.vqgan_train.steps and (run / "vqgan").exists():
+        return []
+    if not discard:
+        raise FileExistsError(
+            f"{run}: holds a diffusion model trained on this VQ-GAN's latents ({', '.join(existing)}); a changed VQ-GAN "
+            "would leave it paired with latents it never saw. Pass --discard-diffusion to delete it with this command "
+            "(then retrain it: lad train diffusion), or train the VQ-GAN in a copy of the run folder")
+    return existing
+
+
+def remove_downstream(run: Path, parts: list[str]) -> None:
+    """Delete the invalidated diffusion parts (rank 0; the others wait)."""
+    import shutil
+
+    from lad.utils.distributed import barrier
+
+    if parts and is_main_process():
+        log.warning("%s: deleting the diffusion model trained on the previous VQ-GAN's latents: %s", run, ", ".join(parts))
+        for d in parts:
+            shutil.rmtree(run / d) if (run / d).is_dir() else (run / d).unlink()
+    barrier()
+
+
 def build_vqgan(cfg: TrainConfig):
     """The (untrained) VQ-GAN of ``cfg.vqgan``: images (B, 1, D, H, W) in [0, 1]."""
     from lad.models.vqgan import VQGAN
@@ -77,12 +114,14 @@ def _buffers(*modules: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor
 
 def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 device: str = "cpu", perceptual_weights: str | None = None, stop_after: int | None = None,
-                progress_bar: bool = True) -> Path:
+                progress_bar: bool = True, discard_diffusion: bool = False) -> Path:
     """Train (or resume) the VQ-GAN of ``run`` on the prepared dataset ``data``; returns ``RUN/vqgan``.
 
     ``stop_after`` ends this call after that many steps, as a killed job would (tests of resume).
     Errors (bad data, existing outputs without ``resume``/``overwrite``) are raised before anything
-    in ``run`` is written or deleted.
+    in ``run`` is written or deleted. A VQ-GAN that will change (``overwrite``, or ``resume`` with steps
+    left) while ``run`` holds a diffusion model trained on its latents is refused unless
+    ``discard_diffusion``, which deletes that model, its latent cache and ``latent_stats.json``.
     """
     from lad.models.perceptual import PerceptualLoss
     from lad.training.losses import VQGANLoss
@@ -102,10 +141,9 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
                      disc2d_weight=t.disc2d_weight, disc3d_weight=t.disc3d_weight, feature_matching_weight=t.feature_matching_weight,
                      locality_weight=t.locality_weight, disc_start=t.disc_start, disc_channels=t.disc_channels,
                      disc_layers=t.disc_layers).to(dev)
+    downstream = check_downstream(run, cfg, resume=resume, overwrite=overwrite, discard=discard_diffusion)
     check_run_part(run, VQGAN_OUTPUTS, resume=resume, overwrite=overwrite)
-    if overwrite and (run / "denoiser_ema").exists():
-        log.warning("%s: the diffusion model was trained on the previous VQ-GAN's latents; retrain it "
-                    "(lad train diffusion --overwrite) before sampling", run)
+    remove_downstream(run, downstream)
     run.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, run / "config.yaml")

@@ -30,6 +30,28 @@ def _publish(path: Path, mode: int) -> None:
         os.chmod(path, mode & ~_UMASK)
 
 
+def _publish_tree(root: Path) -> None:
+    """``_publish`` a folder and everything written into it: some writers (safetensors) create 0600 files."""
+    _publish(root, 0o777)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            _publish(Path(dirpath) / d, 0o777)
+        for f in filenames:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                _publish(p, 0o666)
+
+
+def _named(e: OSError, final: Path, tmp: Path) -> OSError:
+    """The OS error with the output's own path: a failed ``write()`` carries no file name, and the
+    temporary name means nothing to the user."""
+    if e.errno is None or (e.filename is not None and not str(e.filename).startswith(str(tmp))):
+        return e
+    out = OSError(e.errno, e.strerror or os.strerror(e.errno), str(final))
+    out.__cause__ = e
+    return out
+
+
 def _tmp_name(final: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
@@ -53,6 +75,8 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         yield tmp
         _publish(tmp, 0o666)
         os.replace(tmp, final)
+    except OSError as e:
+        raise _named(e, final, tmp) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -66,7 +90,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        _publish(tmp, 0o777)
+        _publish_tree(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -75,6 +99,8 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except OSError as e:
+        raise _named(e, final, tmp) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

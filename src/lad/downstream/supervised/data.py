@@ -87,10 +87,9 @@ def _read_pair(ct: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, tuple[floa
         return np.load(ct), np.load(mask), None  # public-release style arrays carry no geometry
     import SimpleITK as sitk
 
-    from lad.data.io import affine_dhw_to_ras, canonicalize, read_image
+    from lad.data.io import affine_dhw_to_ras, read_pair
 
-    img = canonicalize(read_image(ct))
-    msk = canonicalize(read_image(mask), is_label=True)
+    img, msk = read_pair(ct, mask)
     return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk), axis_spacing(affine_dhw_to_ras(msk))
 
 
