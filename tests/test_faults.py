@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,12 +31,18 @@ FAST = ["--steps", "2", "--no-quality-check", "--augment", "none"]
 def lad(capsys, *argv) -> tuple[int, str, str]:
     """Run ``lad ARGV`` in-process: (exit code, stdout, stderr). A traceback would propagate as an exception."""
     logger = logging.getLogger("lad")
-    for h in [h for h in logger.handlers if getattr(h, "_lad", False)]:
-        logger.removeHandler(h)  # bind the log handler to this test's captured stderr
+
+    def unbind():
+        for h in [h for h in logger.handlers if getattr(h, "_lad", False)]:
+            logger.removeHandler(h)
+
+    unbind()  # the CLI binds its log handler to the current stderr: this test's captured one
     try:
         rc = main([str(a) for a in argv])
     except SystemExit as e:  # argparse's usage errors
         rc = e.code
+    finally:
+        unbind()
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -99,7 +106,7 @@ def test_truncated_integer_nifti_is_refused_by_every_reader(raw3, fault_samples,
     sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 400, (12, 32, 32)).astype(np.int16)),
                     str(img), useCompression=True)
     truncate(img)
-    with pytest.raises(CaseError, match=f"{img}: truncated or corrupt compressed file"):
+    with pytest.raises(CaseError, match=re.escape(f"{img}: unreadable or corrupt image (truncated or corrupt compressed file")):
         read_image(img)
     raw_nii = tmp_path / "raw.nii"
     full = tmp_path / "full.nii"
@@ -137,7 +144,7 @@ def test_truncated_integer_nifti_is_refused_by_every_reader(raw3, fault_samples,
     truncate(ct, 0.6)
     rc, out, err = lad(capsys, "evaluate", "--real", tiny_prepared, "--synthetic", syn, "--out", tmp_path / "rep", "--pairs", 1)
     assert rc == 2
-    one_error_line(err, "evaluate", ct, "truncated or corrupt compressed file")
+    one_error_line(err, "evaluate", ct, "unreadable or corrupt image (truncated or corrupt compressed file")
 
 
 # ------------------------------------------------------------------ 2. a changed VQ-GAN invalidates what depends on it
@@ -524,6 +531,20 @@ def test_latent_config_mismatch_shows_both_sides(tiny_run, tiny_prepared, capsys
     assert rc == 2
     one_error_line(err, "train", "channels [8, 16, 16] (VQ-GAN) vs [8, 16, 24] (config)")
     assert tree(tiny_run) == before
+
+
+# ------------------------------------------------------------------ beyond the list
+
+
+def test_text_outputs_are_utf8_under_an_ascii_locale(tmp_path):
+    import sys
+
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = ("import sys; from lad.utils.atomic import write_text; assert sys.getfilesystemencoding(); "
+            "import locale; print(locale.getpreferredencoding(False)); write_text(sys.argv[1], 'V0 \\u2014 Lad')")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.html")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # the report's dash under an ASCII locale
+    assert (tmp_path / "r.html").read_bytes() == "V0 \u2014 Lad".encode()
 
 
 # ------------------------------------------------------------------ 15. file modes

@@ -72,7 +72,7 @@ def _check_complete(path: Path) -> None:
                 head = f.read(544)
             size = path.stat().st_size
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise CaseError(f"{path}: truncated or corrupt compressed file ({e})") from None
+        raise CaseError(f"{path}: unreadable or corrupt image (truncated or corrupt compressed file: {e})") from None
     if not name.endswith((".nii", ".nii.gz")):
         return
     need = _nifti_bytes(head)
@@ -151,13 +151,11 @@ def read_image(path: str | Path) -> sitk.Image:
 
 
 def check_ct(img: sitk.Image, path: str | Path) -> None:
-    """Refuse a CT that cannot be a patient: every voxel at or below -1000 HU (air), or one constant value."""
-    arr = sitk.GetArrayViewFromImage(img)
-    lo, hi = float(np.min(arr)), float(np.max(arr))
+    """Refuse a CT that cannot be a patient: every voxel at or below -1000 HU (air only, e.g. an export of an
+    empty or never-reconstructed series)."""
+    hi = float(np.max(sitk.GetArrayViewFromImage(img)))
     if hi <= -1000.0:
         raise CaseError(f"{path}: every voxel is {hi:g} HU or below (air only): not a patient CT")
-    if lo == hi:
-        raise CaseError(f"{path}: every voxel has the same value {hi:g}: not a CT scan")
 
 
 def read_pair(image_path: str | Path, label_path: str | Path) -> tuple[sitk.Image, sitk.Image]:

@@ -80,6 +80,8 @@ class SampleFolder:
     def check(self, settings: dict[str, Any], *, overwrite: bool = False) -> None:
         """Refuse (``FileExistsError``) a folder that ``open`` would not resume; writes nothing."""
         diff = self._differences(settings)
+        if diff == ["masks_fingerprint"] and not any(self.records.glob("sample_*.json")):
+            return  # no sample was finished from the old masks (e.g. a run stopped by a bad mask, now fixed)
         if diff and not overwrite:
             if diff == ["masks_fingerprint"]:
                 raise FileExistsError(

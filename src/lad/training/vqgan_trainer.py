@@ -48,7 +48,7 @@ def check_downstream(run: Path, cfg: TrainConfig, *, resume: bool, overwrite: bo
     Raises ``FileExistsError`` naming them unless ``discard``. Nothing is invalidated when the VQ-GAN
     will not change (``resume`` with its newest checkpoint already at ``vqgan_train.steps``)."""
     existing = [d for d in DOWNSTREAM_OF_VQGAN if (run / d).exists()]
-    if not existing or not (resume or overwrite):
+    if not any(d != "latent_cache" for d in existing) or not (resume or overwrite):  # a cache alone is keyed by the hash
         return []  # without --resume/--overwrite an existing VQ-GAN is refused by check_run_part
     done = CheckpointManager(run / "checkpoints" / "vqgan").steps()
     if resume and not overwrite and done and done[-1] >= cfg.vqgan_train.steps and (run / "vqgan").exists():

@@ -107,9 +107,9 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically, UTF-8 whatever the locale (an ASCII locale would fail on a report's dash)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
