@@ -249,6 +249,15 @@ def test_train_counts_and_rates_refused(tiny_prepared, tmp_path, capsys, setting
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("verb, setting", [(["priors", "train"], "steps=0"), (["priors", "train"], "lr=inf"),
+                                           (["downstream", "supervised"], "batch_size=0")])
+def test_other_configs_refuse_zero_counts_and_non_finite_numbers(tiny_prepared, tmp_path, capsys, verb, setting):
+    rc, _, err = lad(capsys, *verb, "--data", tiny_prepared, "--out", tmp_path / "o", "--preset", "tiny", "--set", setting)
+    assert rc == 2
+    one_error_line(err, verb[0], setting.split("=")[0], "must be a")
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_with_fewer_steps_than_done_is_refused(run_copy, tiny_prepared, capsys):
     before = tree(run_copy)
     rc, _, err = lad(capsys, "train", "diffusion", "--data", tiny_prepared, "--run", run_copy, "--preset", "tiny", "--resume",
@@ -306,6 +315,18 @@ def test_sample_resume_refuses_a_changed_mask_source(tiny_run, tiny_prepared, tm
     assert rc == 2
     one_error_line(err, "sample", out, "mask source", "changed since these samples were made", "--overwrite")
     assert tree(out) == before
+
+
+def test_sample_folder_without_a_fingerprint_still_resumes(tiny_run, tiny_prepared, tmp_path, capsys):
+    out = tmp_path / "s"
+    cmd = ["sample", "--run", tiny_run, "--masks", tiny_prepared, "--n", 1, "--out", out, *FAST]
+    assert lad(capsys, *cmd)[0] == 0
+    settings = json.loads((out / "sampling.json").read_text())
+    del settings["masks_fingerprint"]  # a folder written before fingerprints were recorded
+    (out / "sampling.json").write_text(json.dumps(settings))
+    rc, _, err = lad(capsys, *cmd[:5], "--n", 2, *cmd[7:])
+    assert rc == 0, err
+    assert "masks_fingerprint" in json.loads((out / "sampling.json").read_text())  # tracked from now on
 
 
 # ------------------------------------------------------------------ 7. geometry and blank CT
@@ -559,3 +580,37 @@ def test_outputs_get_the_users_umask(tiny_run):
     assert not bad
     dirs = [p for p in tiny_run.rglob("*") if p.is_dir()]
     assert all(p.stat().st_mode & 0o777 == 0o777 & ~umask for p in dirs)
+
+
+def test_full_disk_while_training_is_one_line_and_leaves_no_partial_checkpoint(tiny_prepared, tmp_path, capsys, monkeypatch):
+    import lad.training.checkpoint as checkpoint
+    from safetensors import SafetensorError
+
+    def full(*a, **k):  # what safetensors raises on a full disk (measured on a 64 KiB tmpfs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    run = tmp_path / "run"
+    rc, _, err = lad(capsys, "train", "vqgan", "--data", tiny_prepared, "--run", run, "--preset", "tiny", "--no-progress")
+    assert rc == 2
+    one_error_line(err, "train", f"{run / 'checkpoints' / 'vqgan' / 'step_0000004'}: No space left on device")
+    assert not list((run / "checkpoints" / "vqgan").iterdir()) and not (run / "vqgan").exists()
+
+
+def test_torch_save_on_a_full_disk_becomes_an_os_error(tmp_path, monkeypatch):
+    import shutil as sh
+
+    import torch
+
+    from lad.utils import atomic
+
+    def zip_writer_fails(*a, **k):  # torch.save's error on a full disk (64 KiB tmpfs)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", zip_writer_fails)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    with pytest.raises(OSError, match="No space left on device") as e:
+        with atomic.atomic_dir(tmp_path / "ck") as tmp:
+            torch.save({}, tmp / "a.pt")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "ck")
+    assert list(tmp_path.iterdir()) == []

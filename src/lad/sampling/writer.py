@@ -75,7 +75,8 @@ class SampleFolder:
             old = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise ValueError(f"{path}: corrupt settings file; pass --overwrite to start the folder again") from None
-        return sorted(k for k in set(old) | set(settings) if k != "n" and old.get(k) != settings.get(k))
+        skip = {"n"} | ({"masks_fingerprint"} - set(old))  # folders from before fingerprints: nothing to compare
+        return sorted(k for k in set(old) | set(settings) if k not in skip and old.get(k) != settings.get(k))
 
     def check(self, settings: dict[str, Any], *, overwrite: bool = False) -> None:
         """Refuse (``FileExistsError``) a folder that ``open`` would not resume; writes nothing."""

@@ -259,17 +259,26 @@ def load_latest_checkpoint(ckpt: CheckpointManager, modules, optimizers, device)
     (the run folder must be on a filesystem every node sees, docs/distributed.md)."""
     if not is_distributed():
         return ckpt.load_latest(modules, optimizers, device)
-    steps = broadcast_object(ckpt.steps())
-    if not steps:
+    # rank 0 loads the newest readable checkpoint (falling back past corrupt ones) and tells the others which
+    picked = None
+    if is_main_process():
+        try:
+            state = ckpt.load_latest(modules, optimizers, device)
+            picked = ("ok", None if state is None else int(state["step"]))
+        except ValueError as e:
+            picked = ("error", str(e))
+    picked = broadcast_object(picked)
+    if picked[0] == "error":
+        raise ValueError(picked[1])
+    if picked[1] is None:
         return None
-    folder = ckpt.folder(steps[-1])
+    folder = ckpt.folder(picked[1])
+    if is_main_process():
+        return state
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: rank 0's newest checkpoint is not visible on this node; the run folder "
                                 "must be on a filesystem shared by all nodes")
-    state = ckpt.load(folder, modules, optimizers, device)
-    if is_main_process():
-        log.info("resuming from %s (step %d)", folder, state["step"])
-    return state
+    return ckpt.load(folder, modules, optimizers, device)
 
 
 def slice_grid(volumes: list[torch.Tensor]) -> np.ndarray:

@@ -52,6 +52,30 @@ def _named(e: OSError, final: Path, tmp: Path) -> OSError:
     return out
 
 
+def _as_os_error(e: BaseException, final: Path) -> OSError | None:
+    """A writer's failure as an ``OSError`` on ``final``, when it is one underneath: safetensors reports
+    ``... (os error 28)``, ``torch.save`` a ``RuntimeError`` from its zip writer when the disk is full."""
+    import errno
+    import re
+
+    if isinstance(e, OSError):
+        return e
+    text = str(e)
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(final))
+    if isinstance(e, RuntimeError) and any(k in text for k in ("PytorchStreamWriter", "inline_container", "file write failed")):
+        try:
+            full = shutil.disk_usage(final.parent).free < (1 << 20)
+        except OSError:
+            full = False
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final))
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        return OSError(errno.EIO, f"could not write ({first})", str(final))
+    return None
+
+
 def _tmp_name(final: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
@@ -75,8 +99,11 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         yield tmp
         _publish(tmp, 0o666)
         os.replace(tmp, final)
-    except OSError as e:
-        raise _named(e, final, tmp) from None
+    except Exception as e:
+        err = _as_os_error(e, final)
+        if err is None:
+            raise
+        raise _named(err, final, tmp) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -99,8 +126,11 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except OSError as e:
-        raise _named(e, final, tmp) from None
+    except Exception as e:
+        err = _as_os_error(e, final)
+        if err is None:
+            raise
+        raise _named(err, final, tmp) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
