@@ -147,6 +147,18 @@ def test_truncated_integer_nifti_is_refused_by_every_reader(raw3, fault_samples,
     one_error_line(err, "evaluate", ct, "unreadable or corrupt image (truncated or corrupt compressed file")
 
 
+def test_truncated_npy_sample_is_named_by_evaluate(tiny_run, tiny_prepared, tmp_path, capsys):
+    from lad.sampling.generate import SampleSettings, generate_samples
+
+    syn = tmp_path / "npy"
+    generate_samples(tiny_run, tiny_prepared, syn, SampleSettings(n=2, steps=2, quality_check=False, augment="none", format="npy"))
+    ct = syn / json.loads((syn / "manifest.jsonl").read_text().splitlines()[0])["files"]["ct"]
+    truncate(ct)
+    rc, _, err = lad(capsys, "evaluate", "--real", tiny_prepared, "--synthetic", syn, "--out", tmp_path / "rep", "--pairs", 1)
+    assert rc == 2
+    one_error_line(err, "evaluate", ct, "truncated or corrupt .npy file")
+
+
 # ------------------------------------------------------------------ 2. a changed VQ-GAN invalidates what depends on it
 
 
@@ -299,6 +311,24 @@ def test_prepare_resume_redoes_changed_added_and_removed_cases(raw3, tiny_prepar
     shutil.copyfile(src / "Case_00004.nii.gz", fresh / "in" / "Case_00002.nii.gz")
     assert lad(capsys, "prepare", "--layout", "abdomenct1k", "--input", fresh / "in", "--output", fresh / "p", "--preset", "tiny")[0] == 0
     assert np.array_equal(np.load(out / "patients" / "Case_00002" / "image.npy"), np.load(fresh / "p" / "patients" / "Case_00002" / "image.npy"))
+
+
+def test_prepare_resume_redoes_a_patient_with_a_corrupt_record(raw3, tmp_path, capsys):
+    out = tmp_path / "prep"
+    cmd = ["prepare", "--layout", "abdomenct1k", "--input", raw3, "--output", out, "--preset", "tiny"]
+    assert lad(capsys, *cmd)[0] == 0
+    manifest = (out / "manifest.json").read_bytes()
+    truncate(out / "patients" / "Case_00001" / "meta.json")
+    rc, _, err = lad(capsys, *cmd)
+    assert rc == 0 and "corrupt record" in err, err
+    assert (out / "manifest.json").read_bytes() == manifest  # redone exactly
+
+
+def test_corrupt_latent_stats_is_named(run_copy, tiny_prepared, tmp_path, capsys):
+    truncate(run_copy / "latent_stats.json")
+    rc, _, err = lad(capsys, "sample", "--run", run_copy, "--masks", tiny_prepared, "--n", 1, "--out", tmp_path / "s", *FAST)
+    assert rc == 2 and not (tmp_path / "s").exists()
+    one_error_line(err, "sample", run_copy / "latent_stats.json", "corrupt latent scaling")
 
 
 @pytest.mark.parametrize("fault", ["truncated", "deleted"])

@@ -36,6 +36,7 @@ __all__ = [
     "load_case",
     "check_ct",
     "read_pair",
+    "load_npy",
 ]
 
 log = get_logger(__name__)
@@ -156,6 +157,16 @@ def check_ct(img: sitk.Image, path: str | Path) -> None:
     hi = float(np.max(sitk.GetArrayViewFromImage(img)))
     if hi <= -1000.0:
         raise CaseError(f"{path}: every voxel is {hi:g} HU or below (air only): not a patient CT")
+
+
+def load_npy(path: str | Path) -> np.ndarray:
+    """``np.load`` of an array file, refusing a missing, truncated or corrupt one with its name (``CaseError``)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CaseError(f"{path}: file not found") from None
+    except (ValueError, OSError, EOFError) as e:  # numpy's errors for a cut-off or foreign file
+        raise CaseError(f"{path}: unreadable, truncated or corrupt .npy file ({e})") from None
 
 
 def read_pair(image_path: str | Path, label_path: str | Path) -> tuple[sitk.Image, sitk.Image]:

@@ -356,8 +356,12 @@ def prepare_dataset(
     for c in cases:
         meta_path = out / "patients" / c.case_id / "meta.json"
         drop_path = out / "dropped" / f"{c.case_id}.json"
-        done = json.loads(meta_path.read_text()) if meta_path.exists() else (
-            json.loads(drop_path.read_text()) if drop_path.exists() else None)
+        try:
+            done = json.loads(meta_path.read_text()) if meta_path.exists() else (
+                json.loads(drop_path.read_text()) if drop_path.exists() else None)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s: corrupt record of a finished patient; preparing it again", meta_path.parent)
+            done = {"inputs": None}  # differs from any fingerprint: redone below
         if done is not None and "inputs" in done and done["inputs"] != case_inputs(c):
             changed.append(c.case_id)  # its files were replaced, edited or truncated since: prepared again
             shutil.rmtree(meta_path.parent, ignore_errors=True)

@@ -44,7 +44,7 @@ def load_synthetic(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Volumes in [0, 1] ``(1, D, H, W)`` and their conditioning masks ``(D, H, W)`` from a sample folder."""
     import SimpleITK as sitk
 
-    from lad.data.io import read_pair
+    from lad.data.io import load_npy, read_pair
 
     manifest = folder / "manifest.jsonl"
     if not manifest.exists():
@@ -54,7 +54,7 @@ def load_synthetic(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
         rec = json.loads(line)
         ct, mk = folder / rec["files"]["ct"], folder / rec["files"]["mask"]
         if ct.suffix == ".npy":
-            hu, m = np.load(ct), np.load(mk)
+            hu, m = load_npy(ct), load_npy(mk)
         else:
             img, lab = read_pair(ct, mk)
             hu, m = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab)
