@@ -517,6 +517,39 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_prepared, tmp_path, capsy
     assert tree(out) == {}  # no temporary file left behind
 
 
+def test_itk_writer_that_fails_silently_is_caught(tiny_prepared, tmp_path, capsys, monkeypatch):
+    """ITK's NIfTI writer only prints "** ERROR: NWAD" on a full disk: the written bytes are checked."""
+    wid = json.loads((tiny_prepared / "manifest.json").read_text())["windows"][0]["id"]
+    real = sitk.WriteImage
+
+    def short_write(img, path, *a, **k):
+        real(img, path, *a, **k)
+        truncate(Path(path), 0.5)
+
+    monkeypatch.setattr(sitk, "WriteImage", short_write)
+    out = tmp_path / "view"
+    rc, _, err = lad(capsys, "export-window", tiny_prepared, wid, "--out", out)
+    assert rc == 2
+    one_error_line(err, "export-window", f"{out / wid}_image.nii.gz: could not write the image")
+    assert tree(out) == {}
+
+
+def test_real_full_tmpfs(tiny_prepared, tmp_path, capsys):
+    """The same on a real 4 KiB tmpfs (needs root and mount; skipped elsewhere)."""
+    wid = json.loads((tiny_prepared / "manifest.json").read_text())["windows"][0]["id"]
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        rc, _, err = lad(capsys, "export-window", tiny_prepared, wid, "--out", mnt / "v")
+        assert rc == 2
+        one_error_line(err, "export-window", f"{mnt / 'v' / wid}_image.nii.gz: No space left on device")
+        assert tree(mnt) == {}
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
 def test_permission_denied_is_one_line_and_leaves_nothing(tiny_run, tiny_prepared, tmp_path, capsys, monkeypatch):
     import lad.utils.atomic as atomic
 

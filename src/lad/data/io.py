@@ -12,6 +12,7 @@ resampled into the image's grid with nearest neighbour, never compared as arrays
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ __all__ = [
     "affine_dhw_to_ras",
     "image_from_array",
     "write_nifti",
+    "write_image",
     "align_label",
     "load_case",
     "check_ct",
@@ -240,15 +242,32 @@ def image_from_array(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     """Write a (D, H, W) array with its (d, h, w) -> RAS affine as NIfTI, atomically."""
+    return write_image(image_from_array(array, affine), path)
+
+
+def write_image(img: sitk.Image, path: str | Path) -> Path:
+    """Write a SimpleITK image as NIfTI (``.nii`` / ``.nii.gz``), atomically, and read the bytes back.
+
+    ITK's NIfTI writer only prints ``** ERROR: NWAD: wrote only 0 of N bytes`` when the disk is full
+    and returns normally, leaving a cut-off file: the temporary file is therefore checked like an input
+    (``_check_complete``) before it is renamed. A failed write raises ``OSError`` naming ``path``.
+    """
+    import errno
+    import shutil
+
     path = Path(path)
-    img = image_from_array(array, affine)
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     with atomic_path(path, suffix=suffix) as tmp:
         try:
             sitk.WriteImage(img, str(tmp), useCompression=suffix == ".nii.gz")
-        except RuntimeError as e:  # ITK reports a full disk or a failed write as a RuntimeError
-            import errno
-
+            _check_complete(tmp)
+        except (RuntimeError, CaseError) as e:
+            try:
+                full = shutil.disk_usage(path.parent).free < (1 << 20)
+            except OSError:
+                full = False
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
             reason = str(e).strip().splitlines()[-1] if str(e).strip() else "write failed"
             raise OSError(errno.EIO, f"could not write the image ({reason})", str(path)) from None
     return path
