@@ -24,6 +24,7 @@ from lad.training.checkpoint import CheckpointManager, capture_rng_state, restor
 from lad.training.common import (Logger, NonFiniteGuard, autocast, batch_indices, check_resume_config, check_run_part, data_state,
                                  gather_batch, make_grad_scaler, resolve_device, seed_step, slice_grid, step_generator,
                                  load_latest_checkpoint, save_checkpoint, validate_dataset)
+from lad.training.common import check_downstream, remove_downstream
 from lad.training.config import TrainConfig
 from lad.training.parallel import check_global_batch, shard_batch, sync_batchnorm, wrap_ddp
 from lad.utils.distributed import get_rank, get_world_size, init_distributed
@@ -35,43 +36,6 @@ log = get_logger(__name__)
 
 # What a VQ-GAN (re)training owns in the run folder; the latent cache and stats depend on its weights.
 VQGAN_OUTPUTS = ["vqgan", "checkpoints/vqgan", "tensorboard/vqgan", "logs/vqgan.jsonl", "latent_cache", "latent_stats.json"]
-
-
-# What depends on the VQ-GAN's weights: trained on (or computed from) its latents.
-DOWNSTREAM_OF_VQGAN = ["denoiser", "denoiser_ema", "condition", "condition_raw", "scheduler", "checkpoints/diffusion",
-                       "latent_cache", "latent_stats.json"]
-
-
-def check_downstream(run: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool, discard: bool) -> list[str]:
-    """The diffusion parts a VQ-GAN training would invalidate (to delete once training may start).
-
-    Raises ``FileExistsError`` naming them unless ``discard``. Nothing is invalidated when the VQ-GAN
-    will not change (``resume`` with its newest checkpoint already at ``vqgan_train.steps``)."""
-    existing = [d for d in DOWNSTREAM_OF_VQGAN if (run / d).exists()]
-    if not any(d != "latent_cache" for d in existing) or not (resume or overwrite):  # a cache alone is keyed by the hash
-        return []  # without --resume/--overwrite an existing VQ-GAN is refused by check_run_part
-    done = CheckpointManager(run / "checkpoints" / "vqgan").steps()
-    if resume and not overwrite and done and done[-1] >= cfg.vqgan_train.steps and (run / "vqgan").exists():
-        return []
-    if not discard:
-        raise FileExistsError(
-            f"{run}: holds a diffusion model trained on this VQ-GAN's latents ({', '.join(existing)}); a changed VQ-GAN "
-            "would leave it paired with latents it never saw. Pass --discard-diffusion to delete it with this command "
-            "(then retrain it: lad train diffusion), or train the VQ-GAN in a copy of the run folder")
-    return existing
-
-
-def remove_downstream(run: Path, parts: list[str]) -> None:
-    """Delete the invalidated diffusion parts (rank 0; the others wait)."""
-    import shutil
-
-    from lad.utils.distributed import barrier
-
-    if parts and is_main_process():
-        log.warning("%s: deleting the diffusion model trained on the previous VQ-GAN's latents: %s", run, ", ".join(parts))
-        for d in parts:
-            shutil.rmtree(run / d) if (run / d).is_dir() else (run / d).unlink()
-    barrier()
 
 
 def build_vqgan(cfg: TrainConfig):
