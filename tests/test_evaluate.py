@@ -36,7 +36,7 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
     assert m["settings"]["pretrained_features"] is False and "not MedicalNet" in m["settings"]["features"]
     box = m["settings"]["localized_box"]
     assert len(box) == 3 and all(0 <= a < b for a, b in box)
-    html = (tmp_path / "rep" / "report.html").read_text()
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     assert len(re.findall(r"data:image/png;base64,", html)) == 4 and "random-initialised" in html  # MDS, slices, HU, closest pairs
     r = subprocess.run([sys.executable, "-m", "lad", "evaluate", "--real", str(tiny_prepared), "--synthetic", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "r2")], capture_output=True, text=True)
