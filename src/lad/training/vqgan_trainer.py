@@ -25,6 +25,7 @@ from lad.training.checkpoint import CheckpointManager, capture_rng_state, restor
 from lad.training.common import (Logger, NonFiniteGuard, autocast, batch_indices, check_resume_config, check_run_part, data_state,
                                  gather_batch, make_grad_scaler, resolve_device, seed_step, slice_grid, step_generator,
                                  load_latest_checkpoint, save_checkpoint, validate_dataset)
+from lad.training.common import check_downstream, remove_downstream
 from lad.training.config import TrainConfig
 from lad.training.parallel import check_global_batch, shard_batch, sync_batchnorm, wrap_ddp
 from lad.utils.distributed import get_rank, get_world_size, init_distributed
@@ -90,12 +91,14 @@ def _buffers(*modules: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor
 
 def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 device: str = "cpu", perceptual_weights: str | None = None, stop_after: int | None = None,
-                progress_bar: bool = True) -> Path:
+                progress_bar: bool = True, discard_diffusion: bool = False) -> Path:
     """Train (or resume) the VQ-GAN of ``run`` on the prepared dataset ``data``; returns ``RUN/vqgan``.
 
     ``stop_after`` ends this call after that many steps, as a killed job would (tests of resume).
     Errors (bad data, existing outputs without ``resume``/``overwrite``) are raised before anything
-    in ``run`` is written or deleted.
+    in ``run`` is written or deleted. A VQ-GAN that will change (``overwrite``, or ``resume`` with steps
+    left) while ``run`` holds a diffusion model trained on its latents is refused unless
+    ``discard_diffusion``, which deletes that model, its latent cache and ``latent_stats.json``.
     """
     from lad.models.perceptual import PerceptualLoss
     from lad.training.losses import VQGANLoss
@@ -115,10 +118,9 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
                      disc2d_weight=t.disc2d_weight, disc3d_weight=t.disc3d_weight, feature_matching_weight=t.feature_matching_weight,
                      locality_weight=t.locality_weight, disc_start=t.disc_start, disc_channels=t.disc_channels,
                      disc_layers=t.disc_layers, disc_kernel=t.disc_kernel, feature_matching=t.feature_matching).to(dev)
+    downstream = check_downstream(run, cfg, resume=resume, overwrite=overwrite, discard=discard_diffusion)
     check_run_part(run, VQGAN_OUTPUTS, resume=resume, overwrite=overwrite)
-    if overwrite and (run / "denoiser_ema").exists():
-        log.warning("%s: the diffusion model was trained on the previous VQ-GAN's latents; retrain it "
-                    "(lad train diffusion --overwrite) before sampling", run)
+    remove_downstream(run, downstream)
     run.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, run / "config.yaml")
