@@ -24,6 +24,7 @@ VERB_MODULES = [
     "priors",
     "train",
     "sample",
+    "features",
     "evaluate",
     "ablate",
     "downstream",

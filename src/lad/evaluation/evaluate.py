@@ -88,8 +88,14 @@ def _hu_hist(vols: list[np.ndarray], masks: list[np.ndarray], label_sel, bins: n
 
 def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, features: str = "random-resnet10",
              n_pairs: int = 400, seed: int = 0, device: str = "cpu", overwrite: bool = False,
-             segmenter: str | Path | None = None) -> dict[str, Any]:
-    """Compute every metric for each synthetic set against the real prepared dataset; write the report."""
+             segmenter: str | Path | None = None, n_boot: int = 200) -> dict[str, Any]:
+    """Compute every metric for each synthetic set against the real prepared dataset; write the report.
+
+    ``features``: a ``lad features train`` folder (in-domain) or a ``FeatureExtractor.from_spec`` string.
+    ``n_boot``: bootstrap replicates of each metric's 95 % interval (``X_ci95`` beside ``X``; 0 = none).
+    """
+    from lad.evaluation.uncertainty import add_intervals, bootstrap_settings, mean_ci
+
     from lad.utils.atomic import prepare_output_dir
 
     t0 = time.perf_counter()
@@ -101,7 +107,8 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
         log.warning("%s: fewer than two held-out (test) windows; using the training windows as the real set", real)
         real_vols, real_masks, real_organs = train_vols, train_masks, [train_ds[i]["organs"][0] for i in range(len(train_ds))]
     box = max_bounding_box(train_masks)
-    fx = FeatureExtractor.from_spec(features, device=device)
+    fx = FeatureExtractor.from_spec(str(features), device=device)
+    _check_feature_split(fx, real)
     cache = out / "feature_cache"
     f_real = fx.extract(real_vols, n=len(real_vols), cache_dir=cache)
     f_real_loc = fx.extract([apply_box(v, box) for v in real_vols], n=len(real_vols))
@@ -110,11 +117,14 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     bins = np.linspace(-200, 300, 51)
     results: dict[str, Any] = {
         "real": {"path": str(real), "n": len(real_vols), "n_train": len(train_vols), "ms_ssim": real_div.value,
+                 "ms_ssim_ci95": mean_ci(real_div.details.pop("values"), n_boot=n_boot, seed=seed) if n_boot else None,
                  "ms_ssim_pairs": real_div.n_a,
                  "hu_hist": {"organ": _hu_hist(real_vols, real_masks, lambda m: m == 1, bins),
                              "liver": _hu_hist(real_vols, real_organs, lambda m: m == 1, bins)}},
         "sets": {},
-        "settings": {"features": fx.label, "pretrained_features": fx.is_pretrained, "localized_box": [[s.start, s.stop] for s in box],
+        "settings": {"features": fx.label, "features_kind": fx.kind, "features_trained_on": fx.trained_on and
+                     {k: v for k, v in fx.trained_on.items() if k != "windows"}, "bootstrap": bootstrap_settings(n_boot, seed),
+                     "pretrained_features": fx.is_pretrained, "localized_box": [[s.start, s.stop] for s in box],
                      "ms_ssim": real_div.details, "n_pairs": n_pairs, "seed": seed, "hu_bins": bins.tolist()},
         "versions": _versions(),
     }
@@ -134,12 +144,15 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
             "prdc": prdc(f_real, f_syn, k=min(5, len(f_real) - 1, len(f_syn) - 1)),
             "memorisation": memorisation_report(f_syn, f_train, f_real),
             "hu_hist": {"organ": _hu_hist(vols, masks, lambda m: m == 1, bins)},
-            "n_features_dim": r_fid.details["feature_dim"],
+            "n_features_dim": r_fid.details["feature_dim"], "mmd_localized_bandwidth": l_mmd.details["bandwidth"],
         }
+        add_intervals(entry, f_real, f_syn, f_real_loc, f_syn_loc, ms_ssim_values=div.details["values"], n_boot=n_boot, seed=seed)
         if segmenter is not None:
-            from lad.evaluation.fidelity import conditioning_fidelity
+            from lad.evaluation.fidelity import conditioning_fidelity_with_ci
 
-            entry["fidelity_dice"] = conditioning_fidelity(segmenter, vols, masks, device=device)
+            entry["fidelity_dice"], ci = conditioning_fidelity_with_ci(segmenter, vols, masks, device=device, n_boot=n_boot, seed=seed)
+            if ci:
+                entry["fidelity_dice_ci95"] = ci
         results["sets"][name] = entry
         embeds[name] = f_syn
         figures_data[name] = (vols, masks)
@@ -153,6 +166,18 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     write_report(out, results, embeds, figures_data, (real_vols, real_masks), box, extra_figures=extra)
     log.info("evaluation written to %s (%.1f s)", out, results["seconds"])
     return results
+
+
+def _check_feature_split(fx: FeatureExtractor, real: Path) -> None:
+    """In-domain features must not have seen the held-out windows they are now evaluated on."""
+    if not fx.trained_on or Path(fx.trained_on.get("trained_on", "")).resolve() != real.resolve():
+        return
+    from lad.data.dataset import PreparedDataset
+
+    seen = set(fx.trained_on.get("windows", [])) & {w["id"] for w in PreparedDataset(real, split="test").windows}
+    if seen:
+        raise ValueError(f"--features was trained on {len(seen)} held-out (test) windows of {real} (e.g. {sorted(seen)[0]}); "
+                         "train it on the training split only (`lad features train` reads only the train split)")
 
 
 def _versions() -> dict[str, str]:
