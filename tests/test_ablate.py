@@ -100,3 +100,24 @@ def test_guidance_sweep_samples_one_model_at_every_w(handmade_prepared, tmp_path
     md = (out / "guidance.md").read_text()
     assert all(f"| full | {w} |" in md for w in (0, 1, 4))
     assert (out / "guidance.png").stat().st_size > 1000
+
+
+def test_summary_marks_only_non_overlapping_intervals(tmp_path):
+    from lad.evaluation.ablate import _write_tables, summarise
+
+    res, index = {"sets": {}}, {}
+    values = {"V0": (10.0, 10.2, 9.8), "near": (10.1, 10.4, 9.9), "far": (5.0, 5.1, 4.9)}
+    for v, vals in values.items():
+        for s, x in enumerate(vals):
+            name = f"{v} s{s}"
+            res["sets"][name] = {"fid": x, "fid_localized": x, "mmd": x, "mmd_localized": x, "n": 8}
+            index[name] = {"variant": v, "seed": s, "guidance": 1.0, "masks": "augmented"}
+    rows = {(r["variant"], r["metric"]): r for r in summarise(res, index)}
+    assert rows[("V0", "fid")]["significant"] is None
+    assert rows[("near", "fid")]["significant"] is False and rows[("far", "fid")]["significant"] is True
+    assert rows[("far", "fid")]["per_seed"] == [5.0, 5.1, 4.9] and rows[("far", "fid")]["std"] == pytest.approx(0.1)
+    _write_tables(tmp_path, list(rows.values()), [1.0], ["augmented"])
+    md = (tmp_path / "ablation.md").read_text()
+    far = next(line for line in md.splitlines() if line.startswith("| far |"))
+    near = next(line for line in md.splitlines() if line.startswith("| near |"))
+    assert far.count(" *") == 4 and " *" not in near and "5 ± 0.1" in far

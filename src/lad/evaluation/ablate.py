@@ -20,7 +20,7 @@ Evidence (the comparison is only as good as its spread):
 
 Outputs beside ``OUT/evaluation/``: ``OUT/ablation.csv`` (long format: one line per variant, guidance,
 masks and metric), ``OUT/ablation.md`` and ``OUT/ablation.png`` (Table 2 style: FID / localized FID per
-variant, both mask columns, at the first guidance value) and, for a sweep, ``OUT/guidance.md`` and
+variant, both mask columns, at w = 1 when swept, else the first value) and, for a sweep, ``OUT/guidance.md`` and
 ``OUT/guidance.png`` (metric against w per variant, Table 3 style).
 
 Resumable: each variant's run and samples are skipped when finished (the trainers and the sampler
@@ -251,7 +251,7 @@ def _write_tables(out: Path, rows: list[dict], guidance: Sequence[float], masks:
                      "ci95_low": r["ci95"][0], "ci95_high": r["ci95"][1], "n_seeds": len(r["seeds"]),
                      "seeds": ";".join(map(str, r["seeds"])), "per_seed": ";".join(f"{v:.6g}" for v in r["per_seed"])})
     write_text(out / "ablation.csv", buf.getvalue())
-    w0 = guidance[0]
+    w0 = 1.0 if 1.0 in guidance else guidance[0]  # the paper's Table 2 samples at w = 1
     write_text(out / "ablation.md", f"Table 2 style, guidance w = {w0:g}\n\n" + _markdown(rows, w0, masks, False))
     _plot(out / "ablation.png", [r for r in rows if r["guidance"] == w0], masks, guidance, sweep=False)
     if len(guidance) > 1:
