@@ -96,7 +96,8 @@ def build(shape, *, batch=2, device="cpu", perceptual=None, channels_last=False,
         model.gradient_checkpointing = checkpointing
         t = cfg.vqgan_train
         crit = VQGANLoss(perceptual=PerceptualLoss(perceptual) if perceptual else None, disc_start=0,
-                         disc_channels=t.disc_channels, disc_layers=t.disc_layers).to(dev)
+                         disc_channels=t.disc_channels, disc_layers=t.disc_layers, disc_kernel=t.disc_kernel,
+                         feature_matching=t.feature_matching).to(dev)
     else:
         model = VQGAN(gradient_checkpointing=checkpointing).to(dev)  # the release's configuration (the defaults)
         crit = VQGANLoss(perceptual=PerceptualLoss(perceptual) if perceptual else None, disc_start=0).to(dev)

@@ -35,6 +35,29 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     timings = json.loads((out / ".stages" / "timings.json").read_text())
     assert set(timings) == set(STAGES)
     assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in timings.values())
+    # summary.json: the headline numbers, flat, equal to those of metrics.json, the runs' reconstruction reports and timings
+    from lad.demo import SUMMARY_KEYS
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in summary.values())
+    assert summary["wall_s"] == pytest.approx(sum(t["wall_s"] for t in timings.values()), abs=0.11)
+    assert summary["cpu_s"] == pytest.approx(sum(t["cpu_s"] for t in timings.values()), abs=0.11)
+    for run, pre in (("run-lad", ""), ("run-v0", "v0_")):
+        rec = json.loads((out / run / "vqgan_reconstruction.json").read_text())
+        assert summary[f"{pre}vqgan_heldout_mae_hu"] == rec["mae_body_hu"] > 0 and 1 <= rec["codes_used"] <= rec["num_embeddings"]
+        assert summary[f"{pre}vqgan_codes_used"] == rec["codes_used"]
+        assert rec["split"] == ("test" if n_test else "train (no test split)") and rec["n_windows"] == (n_test or len(
+            PreparedDataset(out / "prepared", split="train")))
+    lad, real = metrics["sets"]["Lad"], metrics["real"]
+    assert set(lad["anatomy"]["present_fraction"]) == {"liver", "kidney", "spleen", "pancreas", "tumor"}
+    assert summary["lad_anatomy_present_fraction"] == lad["anatomy"]["mean_liver_kidney_spleen"]
+    assert summary["v0_anatomy_present_fraction"] == metrics["sets"]["V0 (Medical Diffusion)"]["anatomy"]["mean_liver_kidney_spleen"]
+    assert summary["real_anatomy_present_fraction"] == real["anatomy"]["mean_liver_kidney_spleen"]
+    assert summary["lad_fidelity_dice"] == lad["fidelity_dice"]["organ"] and summary["real_fidelity_dice"] == real["fidelity_dice"]["organ"]
+    assert summary["lad_organ_hu_w1"] == lad["hu_w1"]["organ"] > 0
+    assert summary["real_body_ok_fraction"] == 1.0  # the real windows lie within their own minimum-maximum body fraction
+    assert "Anatomy and realism checks" in html and "VQ-GAN reconstruction (held-out windows)" in html
     # V0 has no condition extractor and no locality term; Lad has both; both got the same budget
     assert not (out / "run-v0" / "condition").exists() and (out / "run-lad" / "condition").exists()
     assert json.loads((out / "run-lad" / "logs" / "vqgan.jsonl").read_text().splitlines()[-1])["locality"] >= 0

@@ -282,6 +282,9 @@ def test_two_rank_vqgan_equals_one_rank(runs):
     _assert_logs_close(one / "logs" / "vqgan.jsonl", two / "logs" / "vqgan.jsonl")  # global losses, gradient norms
     assert len((two / "logs" / "vqgan.jsonl").read_text().splitlines()) == 3  # rank 0 alone logged
     assert sorted(p.name for p in (two / "checkpoints" / "vqgan").iterdir()) == ["best", "step_0000003"]
+    # rank 0 alone reconstructed the held-out windows at the end, with (nearly) the 1-rank weights
+    r1, r2 = (json.loads((r / "vqgan_reconstruction.json").read_text()) for r in (one, two))
+    assert r2["n_windows"] == r1["n_windows"] and r2["mae_body_hu"] == pytest.approx(r1["mae_body_hu"], rel=1e-2)
 
 
 def test_two_rank_diffusion_equals_one_rank(runs):

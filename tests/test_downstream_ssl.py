@@ -313,10 +313,10 @@ def test_missing_organ_labels_error(tmp_path):
 
     data = write_prepared(tmp_path / "prep", patients=3, windows=2, test_patients=1)  # pancreas (+tumour) only
     with pytest.raises(ValueError, match="no test scan has liver"):
-        run_ssl(data, tmp_path / "o", load_ssl_config("tiny"), runs=1)
+        run_ssl(data, tmp_path / "o", load_ssl_config("tiny"), runs=1, test_scans="windows")
     assert not (tmp_path / "o").exists()  # nothing created before the inputs were checked
     res = run_ssl(data, tmp_path / "o", load_ssl_config("tiny", ["eval.organs=[pancreas]", "train.iterations=2"]), runs=1,
-                  setting=2)
+                  setting=2, test_scans="windows")
     assert list(res["dice_mean"]) == ["pancreas"] and (tmp_path / "o" / "run_000" / "pancreas" / "model").exists()
 
 
@@ -350,9 +350,11 @@ def test_synthetic_and_real_plus_synthetic_training(tiny_prepared, tmp_path):
     assert len(scans) == 2 and scans[0].image.shape == (8, 32, 32) and scans[0].organs is None
     assert 0.0 <= scans[0].image.min() and scans[0].image.max() <= 1.0
     cfg = load_ssl_config("tiny", ["train.iterations=2"])
-    mix = run_ssl(tiny_prepared, tmp_path / "mix", cfg, train="real+synthetic", synthetic=samples, synthetic_fraction=0.5, runs=1)
+    mix = run_ssl(tiny_prepared, tmp_path / "mix", cfg, train="real+synthetic", synthetic=samples, synthetic_episode_fraction=0.5,
+                  runs=1)
     syn = run_ssl(tiny_prepared, tmp_path / "syn", cfg, train="synthetic", synthetic=samples, runs=1)
-    assert mix["synthetic_fraction"] == 0.5 and syn["synthetic_fraction"] == 1.0 and syn["train"] == "synthetic"
+    assert mix["episode_synthetic_share"] == 0.5 and mix["synthetic_mode"] == "episode" and mix["synthetic_volumes"] == 2
+    assert syn["episode_synthetic_share"] == 1.0 and syn["train"] == "synthetic" and syn["synthetic_volumes"] == 2
     from lad.downstream.ssl import plot_comparison
 
     both = plot_comparison([tmp_path / "mix", tmp_path / "syn"], tmp_path / "fig6.png", labels=["real+Lad", "Lad"])
@@ -374,3 +376,149 @@ def test_paper_preset_holds_the_published_values():
     assert tuple(p.eval.organs) == ("liver", "kidney", "spleen", "pancreas") and p.eval.n_part == 3
     d = load_ssl_config("demo")
     assert d.model.backbone == "resnet18" and d.train.iterations <= 500
+
+
+# ---------------------------------------------------------------- whole test scans, synthetic set composition, sweeps
+
+def test_test_scans_are_the_whole_original_volumes(tiny_prepared):
+    from lad.data.dataset import PreparedDataset
+    from lad.data.originals import read_original_case
+    from lad.downstream.ssl.data import original_scans, prepared_scans
+
+    whole = list(original_scans(tiny_prepared, "test"))
+    windows = prepared_scans(tiny_prepared, "test")
+    assert [s.id for s in whole] == [s.id for s in windows]
+    for w, s in zip(windows, whole):
+        # the windows follow the pancreas: the original scan holds much more of the other organs
+        assert len(s.image) > len(w.image)
+        assert (s.organs == 1).sum() > (w.organs == 1).sum() and (s.organs == 3).sum() > (w.organs == 3).sum()
+        assert s.image.shape[1:] == w.image.shape[1:] and 0.0 <= float(s.image.min()) and float(s.image.max()) <= 1.0
+        has = np.isin(s.organs, [1, 2, 3, 4, 5]).reshape(len(s.organs), -1).any(axis=1)
+        assert has[0] and has[-1]  # kept from the first to the last slice with a test organ
+    # the original, resampled to the training spacing and cropped as prepared, reproduces every window exactly
+    ds = PreparedDataset(tiny_prepared, split="test")
+    case = read_original_case(tiny_prepared, ds.windows[0]["patient"])
+    for i, w in enumerate(ds.windows):
+        r = ds.get_arrays(i)
+        z0, z1 = w["z_range"]
+        assert np.array_equal(case.hu[z0:z1], r["hu"]) and np.array_equal(case.organs[z0:z1], r["organs"])
+
+
+def _copy_with_moved_original(prepared, dest):
+    import shutil
+
+    shutil.copytree(prepared, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    test = [w for w in m["windows"] if w["split"] == "test"]
+    moved = str(dest.parent / "moved" / "Case_moved_0000.nii.gz")
+    for w in test:
+        w["source_image"] = moved
+    (dest / "manifest.json").write_text(json.dumps(m))
+    return dest, moved
+
+
+def test_unreachable_original_is_one_clear_error_and_windows_are_opt_in(tiny_prepared, tmp_path):
+    from lad.data.originals import OriginalCaseError
+    from lad.downstream.ssl import load_ssl_config, run_ssl
+
+    data, moved = _copy_with_moved_original(tiny_prepared, tmp_path / "prep")
+    cfg = load_ssl_config("tiny", ["train.iterations=1"])
+    with pytest.raises(OriginalCaseError, match=f"{moved}: file not found"):
+        run_ssl(data, tmp_path / "o", cfg, runs=1)
+    assert not (tmp_path / "o").exists()
+    res = run_ssl(data, tmp_path / "o", cfg, runs=1, test_scans="windows")
+    settings = json.loads((tmp_path / "o" / "settings.json").read_text())
+    assert settings["test_scans"] == "windows" and res["evaluation"]["test_scans"] == "windows"
+    assert any("windows" in n for n in res["notes"])
+
+
+def test_synthetic_share_is_a_set_composition_by_default_and_sizes_sweep(tiny_prepared, tmp_path):
+    import csv
+
+    from lad.data.dataset import PreparedDataset
+    from lad.downstream.ssl import load_ssl_config, run_ssl
+
+    samples = _write_samples(tmp_path / "samples", tiny_prepared, n=4)
+    n_real = len(PreparedDataset(tiny_prepared, split="train"))
+    cfg = load_ssl_config("tiny", ["train.iterations=1"])
+    res = run_ssl(tiny_prepared, tmp_path / "set", cfg, train="real+synthetic", synthetic=samples, runs=1)
+    settings = json.loads((tmp_path / "set" / "settings.json").read_text())
+    n = max(1, round(0.2 * n_real))  # the paper's "about 20 % of the training set", counted in volumes
+    assert res["synthetic_mode"] == "set" and res["synthetic_volumes"] == n and len(res["synthetic_ids"]) == n
+    assert settings["synthetic_ratio"] == 0.2 and settings["synthetic_episode_fraction"] is None
+    assert settings["synthetic_volumes"] == [n]
+    # every slice of the composed set equally likely: the synthetic share of episodes is its share of slices
+    share = res["n_synthetic_slices"] / (res["n_synthetic_slices"] + res["n_real_slices"])
+    assert res["episode_synthetic_share"] == pytest.approx(share) and settings["episode_synthetic_share"][str(n)] == pytest.approx(share)
+    assert 0 < share < 0.5
+    # the per-episode probability stays available under its own name and is recorded beside the volumes
+    ep = run_ssl(tiny_prepared, tmp_path / "ep", cfg, train="real+synthetic", synthetic=samples, runs=1,
+                 synthetic_volumes=3, synthetic_episode_fraction=0.5)
+    s2 = json.loads((tmp_path / "ep" / "settings.json").read_text())
+    assert (s2["synthetic_mode"], s2["synthetic_volumes"], s2["synthetic_episode_fraction"]) == ("episode", [3], 0.5)
+    assert ep["episode_synthetic_share"] == 0.5
+    with pytest.raises(ValueError, match="holds 4"):
+        run_ssl(tiny_prepared, tmp_path / "big", cfg, train="real+synthetic", synthetic=samples, runs=1, synthetic_volumes=5)
+    with pytest.raises(ValueError, match="not both"):
+        run_ssl(tiny_prepared, tmp_path / "both", cfg, train="real+synthetic", synthetic=samples, synthetic_volumes=2,
+                synthetic_ratio=0.5)
+
+    out = tmp_path / "sweep"
+    sw = run_ssl(tiny_prepared, out, cfg, train="real+synthetic", synthetic=samples, runs=1, synthetic_volumes="0,2,4")
+    assert [s["synthetic_volumes"] for s in sw["sweep"]] == [0, 2, 4]
+    per = {n: json.loads((out / f"synthetic_{n:05d}" / "results.json").read_text()) for n in (0, 2, 4)}
+    assert per[0]["n_synthetic_slices"] == 0 and per[0]["episode_synthetic_share"] == 0.0
+    assert per[2]["synthetic_ids"] == per[4]["synthetic_ids"][:2]  # nested sets
+    assert 0 < per[2]["n_synthetic_slices"] < per[4]["n_synthetic_slices"]
+    for s in sw["sweep"]:
+        assert s["dice_mean"] == per[s["synthetic_volumes"]]["dice_mean"]
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [int(r["synthetic_volumes"]) for r in rows] == [0, 2, 4]
+    assert [float(r["liver_mean"]) for r in rows] == pytest.approx([per[n]["dice_mean"]["liver"] for n in (0, 2, 4)], abs=1e-4)
+    assert float(rows[2]["mean"]) == pytest.approx(per[4]["mean_over_organs"]["mean"], abs=1e-4)
+    md = (out / "sweep.md").read_text().splitlines()
+    assert md[2].startswith("| synthetic_volumes |") and len([line for line in md if line.startswith("| ")]) == 4
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # --resume keeps every finished size; another size list is another experiment
+    again = run_ssl(tiny_prepared, out, cfg, train="real+synthetic", synthetic=samples, runs=1, synthetic_volumes="0,2,4",
+                    resume=True)
+    assert [s["runs"] for s in again["sweep"]] == [s["runs"] for s in sw["sweep"]]
+    with pytest.raises(ValueError, match="different settings"):
+        run_ssl(tiny_prepared, out, cfg, train="real+synthetic", synthetic=samples, runs=1, synthetic_volumes="0,4", resume=True)
+
+
+def test_cli_synthetic_options():
+    import argparse
+
+    from lad.cli.downstream_ssl import register
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    p = sub.choices["ssl"]
+    a = p.parse_args(["--data", "d", "--train", "real+synthetic", "--out", "o", "--synthetic-fraction", "0.3"])
+    assert a.synthetic_episode_fraction == 0.3 and a.synthetic_volumes is None and a.test_scans == "original"
+    a = p.parse_args(["--data", "d", "--train", "real+synthetic", "--out", "o", "--synthetic-volumes", "0,8,16"])
+    assert a.synthetic_volumes == "0,8,16" and a.synthetic_episode_fraction is None and a.synthetic_ratio is None
+
+
+def test_original_scan_of_a_totalsegmentator_case(tmp_path):
+    from pathlib import Path
+
+    from lad.data.dataset import PreparedDataset
+    from lad.data.originals import read_original_case
+    from lad.data.prepare import PrepareConfig, prepare_dataset
+    from lad.downstream.ssl.data import original_scans
+
+    real = next((p / "shared" / "data" / "real-ct" / "patient-a" for p in Path(__file__).resolve().parents
+                 if (p / "shared" / "data" / "real-ct" / "patient-a").exists()), None)
+    if real is None:
+        pytest.skip("the real TotalSegmentator example (shared/data/real-ct/patient-a) is not here")
+    cfg = PrepareConfig(spacing=(3.0, 3.0, 3.0), size=(96, 96), depth=8, stride=4, split=1.0)
+    prepare_dataset("totalsegmentator", real, tmp_path / "prep", cfg)
+    (scan,) = original_scans(tmp_path / "prep", "train")  # per-structure binary files, kidney = left | right
+    ds = PreparedDataset(tmp_path / "prep", split="train")
+    case = read_original_case(tmp_path / "prep", "patient-a")
+    in_windows = sorted({z for w in ds.windows for z in range(*w["z_range"])})
+    # nothing of the organs is cut from the whole scan; the liver reaches far above the pancreas windows
+    assert (scan.organs == 1).sum() == (case.organs == 1).sum() > 1.5 * (case.organs[in_windows] == 1).sum() > 0
+    assert {1, 2, 3, 4} <= set(np.unique(scan.organs).tolist()) and scan.image.shape[1:] == (96, 96)

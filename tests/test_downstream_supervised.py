@@ -294,6 +294,70 @@ def test_bad_inputs_give_one_clear_error(tiny_prepared, tmp_path):
                        real_sizes="1")
 
 
+def test_ood_test_set_and_synthetic_volume_sweep(tiny_prepared, samples, tmp_path):
+    import csv
+
+    from conftest import write_prepared
+
+    from lad.downstream.supervised import load_supervised_config, run_supervised
+    from lad.downstream.supervised.experiment import metric_value
+
+    # another dataset on the same grid (8 x 32 x 32 at 10 x 12 x 12 mm, D x H x W): every patient is an OOD test patient
+    ood = write_prepared(tmp_path / "ood", patients=3, windows=2, test_patients=1)
+    cfg = load_supervised_config("tiny")
+    out = tmp_path / "out"
+    res = run_supervised(tiny_prepared, out, cfg, synthetic=samples, synthetic_volumes="0,2", real_sizes="1", ood_test=ood,
+                         preset="tiny")
+    assert res["n_ood_patients"] == 3 and res["n_ood_with_tumor"] == 3 and res["ood_test"] == str(ood.resolve())
+    assert res["synthetic_volumes"] == [0, 2] and res["synthetic_multiple"] == 0
+    assert [(r["arm"], r["synthetic_volumes"], r["n_synthetic"]) for r in res["runs"]] == [("real", 0, 0), ("real+2synthetic", 2, 2)]
+    for r in res["runs"]:
+        metrics = json.loads((out / "models" / f"real0001_{r['arm']}" / "metrics.json").read_text())
+        assert [p["patient"] for p in metrics["patients_ood"]] == ["p00", "p01", "p02"]
+        assert [p["patient"] for p in metrics["patients"]] != [p["patient"] for p in metrics["patients_ood"]]
+        m = r["metrics_ood"]  # every metric of the supplement, out of distribution
+        assert m["tumor_sensitivity"]["total"] == sum(len(p["components"]) for p in metrics["patients_ood"]) > 0
+        assert m["patient_sensitivity"]["total"] == 3 and m["dice"]["tumor"]["n"] == 3 and m["nsd"]["organ"]["n"] == 3
+        assert set(m) == set(r["metrics"]) >= {"early_tumor_sensitivity", "patient_sensitivity", "tumor_sensitivity"}
+    assert (out / "scaling_ood.png").read_bytes()[:4] == b"\x89PNG" and (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(int(r["real_patients"]), int(r["synthetic_volumes"])) for r in rows] == [(1, 0), (1, 2)]
+    for row, run in zip(rows, res["runs"]):
+        for col, key, cls in (("dsc_tumor", "dice", "tumor"), ("ood_dsc_tumor", "dice", "tumor"),
+                              ("ood_early_tumor_sensitivity", "early_tumor_sensitivity", None)):
+            m = run["metrics_ood"] if col.startswith("ood_") else run["metrics"]
+            v = metric_value(m, key, cls)
+            assert (row[col] == "") if math.isnan(v) else float(row[col]) == pytest.approx(v, abs=1e-4)
+    assert "| real_patients |" in (out / "sweep.md").read_text()
+    with pytest.raises(ValueError, match="different settings"):  # another OOD set is another experiment
+        run_supervised(tiny_prepared, out, cfg, synthetic=samples, synthetic_volumes="0,2", real_sizes="1", preset="tiny",
+                       resume=True)
+    # the OOD set must be on the training grid and another dataset
+    other = write_prepared(tmp_path / "other", spacing=(7.0, 7.0, 9.0), test_patients=1)
+    with pytest.raises(ValueError, match="training data's spacing"):
+        run_supervised(tiny_prepared, tmp_path / "o1", cfg, real_sizes="1", ood_test=other)
+    with pytest.raises(ValueError, match="training dataset itself"):
+        run_supervised(tiny_prepared, tmp_path / "o2", cfg, real_sizes="1", ood_test=tiny_prepared)
+    with pytest.raises(ValueError, match="not both"):
+        run_supervised(tiny_prepared, tmp_path / "o3", cfg, synthetic=samples, synthetic_multiple=2, synthetic_volumes="2",
+                       real_sizes="1")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_real_to_synthetic_ratio_is_a_setting(tiny_prepared, samples, tmp_path):
+    from lad.downstream.supervised import load_supervised_config, run_supervised
+
+    assert load_supervised_config("paper").synthetic_multiple == 3.0  # the supplement's "extra 3x synthetic data"
+    cfg = load_supervised_config("tiny", ["synthetic_multiple=0.5", "steps=1"])
+    res = run_supervised(tiny_prepared, tmp_path / "o", cfg, synthetic=samples, real_sizes="2", preset="tiny")
+    syn = [r for r in res["runs"] if r["arm"] == "real+synthetic"][0]
+    assert res["synthetic_multiple"] == 0.5 and syn["n_synthetic"] == round(0.5 * syn["n_real_windows"]) > 0
+    # the option overrides the preset value
+    res = run_supervised(tiny_prepared, tmp_path / "o2", cfg, synthetic=samples, synthetic_multiple=1, real_sizes="2", preset="tiny")
+    syn = [r for r in res["runs"] if r["arm"] == "real+synthetic"][0]
+    assert syn["n_synthetic"] == syn["n_real_windows"]
+
+
 def test_presets_carry_the_paper_protocol():
     from lad.config import ConfigError
     from lad.downstream.supervised import load_supervised_config

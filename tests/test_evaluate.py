@@ -33,11 +33,17 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
     for e in m["sets"].values():
         assert e["n"] == 3 and e["fid"] >= 0 and 0 < e["ms_ssim"] <= 1 and {"precision", "recall"} <= set(e["prdc"])
         assert "n_flagged" in e["memorisation"]
+        # the anatomy checks without --segmenter: body, bone and HU W1 only; the run's VQ-GAN reconstruction report
+        assert 0 <= e["body_ok_fraction"] <= 1 and 0 <= e["bone_ok_fraction"] <= 1 and "anatomy" not in e
+        assert e["hu_w1"]["organ"] > 0 and e["vqgan_reconstruction"]["codes_used"] >= 1
+    assert m["real"]["body_ok_fraction"] == 1.0 and "fidelity_dice" not in m["real"] and "anatomy" not in m["real"]
+    assert m["settings"]["anatomy"]["presence_ranges_voxels"] is None and m["settings"]["anatomy"]["bone_min_voxels"] >= 1
     assert m["settings"]["pretrained_features"] is False and "not MedicalNet" in m["settings"]["features"]
     box = m["settings"]["localized_box"]
     assert len(box) == 3 and all(0 <= a < b for a, b in box)
     html = (tmp_path / "rep" / "report.html").read_text()
     assert len(re.findall(r"data:image/png;base64,", html)) == 4 and "random-initialised" in html  # MDS, slices, HU, closest pairs
+    assert "Anatomy and realism checks" in html and "VQ-GAN reconstruction (held-out windows)" in html
     r = subprocess.run([sys.executable, "-m", "lad", "evaluate", "--real", str(tiny_prepared), "--synthetic", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "r2")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a lad sample folder" in r.stderr

@@ -166,3 +166,20 @@ def test_adam_steps_reduce_the_loss_on_a_fixed_batch():
     with torch.no_grad():
         after = sum(loss_at(s).item() for s in range(3)) / 3
     assert after < 0.8 * before
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_diffusion_loss_target_follows_the_prediction_type(prediction):
+    """v-prediction's target is sqrt(a_t) eps - sqrt(1 - a_t) z0 and x0-prediction's is z0, for the same draws."""
+    from lad.schedulers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=50, prediction_type=prediction)
+    z0 = torch.randn(4, 2, 3, 3, 3)
+    zero = lambda z, t, c: torch.zeros_like(z)  # noqa: E731
+    l2, _ = diffusion_loss(zero, sched, z0, None, generator=torch.Generator().manual_seed(7), loss="l2")
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 50, (4,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    target = a.sqrt() * noise - (1 - a).sqrt() * z0 if prediction == "v_prediction" else z0
+    torch.testing.assert_close(l2, target.square().mean())

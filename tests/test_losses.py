@@ -125,3 +125,13 @@ def test_perceptual_loss_needs_a_real_weights_file(tmp_path):
     torch.save(state, tmp_path / "shape.pth")
     with pytest.raises(ValueError, match="shape.pth: VGG16 keys with wrong shapes"):
         PerceptualLoss(tmp_path / "shape.pth")
+
+
+def test_feature_matching_sum_is_the_release_weight():
+    """The release sums the per-layer L1 (weight 4 / (n_layers + 1) = 1 for 3 layers); "mean" divides by the count."""
+    fr = [torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(1, 1)]
+    ff = [torch.ones(1, 2, 3), torch.full((1, 2, 3), 3.0), torch.ones(1, 1)]
+    assert feature_matching_loss(fr, ff, "sum").item() == pytest.approx(4.0)
+    assert feature_matching_loss(fr, ff, "mean").item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="reduction"):
+        feature_matching_loss(fr, ff, "max")

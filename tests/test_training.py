@@ -82,7 +82,7 @@ def test_diffusion_resume_equals_uninterrupted_and_cache_reuse(tiny_prepared, ti
 
 def test_run_folder_contents(tiny_run):
     for name in ("config.yaml", "vqgan", "denoiser", "denoiser_ema", "condition", "condition_raw", "scheduler",
-                 "latent_stats.json", "tensorboard", "checkpoints"):
+                 "latent_stats.json", "vqgan_reconstruction.json", "tensorboard", "checkpoints"):
         assert (tiny_run / name).exists(), name
     stats = json.loads((tiny_run / "latent_stats.json").read_text())
     assert stats["latent_shape"] == [8, 2, 8, 8] and stats["image_shape"] == [8, 32, 32] and len(stats["scale"]) == 8

@@ -166,3 +166,46 @@ def test_quantizer_has_no_host_reads_per_step_and_reinitialises_after_a_reset():
     state["initialized"] = torch.tensor(False)
     q.load_state_dict(state)
     assert not q._is_initialized()
+
+
+def test_release_architecture_matches_the_public_release_sizes():
+    """The paper presets' autoencoder and discriminators have the public release's parameter counts
+    (encoder 0.44 M, decoder 0.95 M, 2D PatchGAN 2.76 M, 3D PatchGAN 11.05 M) and its shapes."""
+    m = VQGAN(channels=(16, 32, 64), downsample=(4, 4, 4), num_embeddings=64, norm_num_groups=32, architecture="release")
+    enc = sum(p.numel() for p in m.encoder.parameters())
+    dec = sum(p.numel() for p in m.decoder.parameters())
+    assert round(enc / 1e6, 2) == 0.44 and round(dec / 1e6, 2) == 0.95
+    assert sum(isinstance(x, torch.nn.ConvTranspose3d) for x in m.decoder.modules()) == 2
+    strided = [x for x in m.encoder.modules() if isinstance(x, torch.nn.Conv3d) and x.stride != (1, 1, 1)]
+    assert [c.kernel_size for c in strided] == [(4, 4, 4)] * 2
+    out = m(torch.rand(2, 1, 16, 32, 32))
+    assert out.recon.shape == (2, 1, 16, 32, 32) and out.z_e.shape == (2, 8, 4, 8, 8)
+    # anisotropic compression: the depth axis is not halved in the second stage
+    m2 = VQGAN(channels=(8, 16, 16), downsample=(2, 4, 4), num_embeddings=16, architecture="release")
+    assert m2(torch.rand(1, 1, 8, 16, 16)).recon.shape == (1, 1, 8, 16, 16)
+    assert m2.latent_shape((8, 16, 16)) == (8, 4, 4, 4)
+    d2 = PatchDiscriminator(spatial_dims=2, channels=64, num_layers=3, kernel_size=4)
+    d3 = PatchDiscriminator(spatial_dims=3, channels=64, num_layers=3, kernel_size=4)
+    assert sum(p.numel() for p in d2.parameters()) == 2_763_585
+    assert round(sum(p.numel() for p in d3.parameters()) / 1e6, 2) == 11.05
+
+
+def test_release_architecture_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = VQGAN(channels=(8, 16), downsample=(2, 2, 2), num_embeddings=16, architecture="release")
+    m.checkpoint_min_bytes = 0
+    x = torch.rand(2, 1, 8, 16, 16)
+    grads = []
+    for ckpt in (False, True):
+        m.gradient_checkpointing = ckpt
+        m.zero_grad()
+        z = m.encode(x)
+        m.decode(z).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.decoder.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_compact_is_the_default_and_unknown_architectures_are_refused():
+    assert VQGAN(num_embeddings=8).config["architecture"] == "compact"
+    with pytest.raises(ValueError, match="architecture"):
+        VQGAN(num_embeddings=8, architecture="tats")

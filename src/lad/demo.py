@@ -7,9 +7,12 @@ Stages (each resumable; ``--from STAGE`` re-runs that stage and everything after
 3. ``train``     Lad (variant full: Locality Loss + content + structure conditions): VQ-GAN, then diffusion
 4. ``sample``    synthetic volumes from augmented masks, DDIM, guidance w = 1
 5. ``baseline``  V0 (Medical Diffusion: no Locality Loss, no condition) on the same budget, and its samples
-6. ``segmenter`` an organ segmenter on the real training windows, for the conditioning-fidelity Dice
+6. ``segmenter`` an organ segmenter (liver, kidney, spleen, pancreas, tumour) on the real training windows, for the
+   conditioning-fidelity Dice and the anatomy-present check
 7. ``features``  the in-domain feature network (``lad features train``) on the real training windows
 8. ``evaluate``  both against the held-out phantom windows with those features; ``DIR/report.html``
+
+After the stages, ``DIR/summary.json`` holds the headline numbers flat (``write_summary``).
 
 The numbers are illustrative (tiny models, phantom data); the same commands with the paper presets
 are the real thing.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ from pathlib import Path
 from lad.utils.atomic import atomic_path, write_text
 from lad.utils.log import get_logger
 
-__all__ = ["run_demo", "STAGES"]
+__all__ = ["run_demo", "write_summary", "STAGES", "SUMMARY_KEYS"]
 
 log = get_logger(__name__)
 
@@ -34,7 +38,7 @@ STAGES = ("phantom", "prepare", "train", "sample", "baseline", "segmenter", "fea
 
 _PRESETS = {
     # phantom subjects (n, spacing, size, workers), prepare / train / segmenter presets, samples per model, DDIM steps, MS-SSIM pairs
-    "demo": dict(n=30, spacing=(3.0, 3.0, 2.5), size=(128, 128), prepare="demo", train="demo", samples=16, steps=50, pairs=100,
+    "demo": dict(n=150, spacing=(3.0, 3.0, 2.5), size=(128, 128), prepare="demo", train="demo", samples=16, steps=50, pairs=100,
                  segmenter="demo", segmenter_set=[], workers=2, features="demo"),
     "tiny": dict(n=6, spacing=(6.0, 6.0, 5.0), size=(64, 64), prepare="tiny", train="tiny", samples=4, steps=5, pairs=6,
                  segmenter="tiny", segmenter_set=["steps=30", "checkpoint_every=30"], workers=1, features="tiny"),
@@ -144,9 +148,61 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
         _write_demo_report(out, preset, cfg_full, sample, timings)
 
     stage("evaluate", evaluation)
+    write_summary(out)
     report = out / "report.html"
     log.info("demo report: %s", report)
     return report
+
+
+SUMMARY_KEYS = ("vqgan_heldout_mae_hu", "vqgan_codes_used", "lad_anatomy_present_fraction", "v0_anatomy_present_fraction",
+                "real_anatomy_present_fraction", "lad_body_ok_fraction", "lad_bone_ok_fraction", "lad_organ_hu_w1",
+                "lad_fidelity_dice", "real_fidelity_dice", "wall_s", "cpu_s")
+"""The keys ``OUT/summary.json`` always holds (numbers); it holds V0 counterparts and a few more besides."""
+
+_SETS = {"lad": "Lad", "v0": "V0 (Medical Diffusion)"}
+
+
+def write_summary(out: str | Path) -> dict[str, float]:
+    """``OUT/summary.json``: the demo's headline numbers, flat, from ``evaluation/metrics.json`` and
+    ``.stages/timings.json`` (``wall_s`` / ``cpu_s``: totals over the stages).
+
+    ``vqgan_*`` is Lad's VQ-GAN on the held-out windows (``v0_vqgan_*`` V0's); ``*_anatomy_present_fraction``
+    the mean over liver, kidney and spleen; ``*_organ_hu_w1`` / ``*_body_hu_w1`` in HU; ``*_fidelity_dice`` the
+    organ Dice. A number that could not be measured (e.g. no body in any sample) is left out.
+    """
+    out = Path(out)
+    m = json.loads((out / "evaluation" / "metrics.json").read_text())
+    timings = [t for t in json.loads((out / ".stages" / "timings.json").read_text()).values() if isinstance(t, dict)]
+    summary: dict[str, float | None] = {}
+
+    def anatomy_mean(e: dict) -> float | None:
+        a = e.get("anatomy")
+        return a.get("mean_liver_kidney_spleen") if a else None
+
+    for key, name in _SETS.items():
+        e = m["sets"].get(name)
+        if e is None:
+            continue
+        rec = e.get("vqgan_reconstruction") or {}
+        pre = "" if key == "lad" else "v0_"
+        summary.update({f"{pre}vqgan_heldout_mae_hu": rec.get("mae_body_hu"), f"{pre}vqgan_heldout_bias_hu": rec.get("bias_body_hu"),
+                        f"{pre}vqgan_codes_used": rec.get("codes_used"), f"{pre}vqgan_perplexity": rec.get("perplexity")})
+        summary.update({f"{key}_anatomy_present_fraction": anatomy_mean(e), f"{key}_body_ok_fraction": e.get("body_ok_fraction"),
+                        f"{key}_bone_ok_fraction": e.get("bone_ok_fraction"), f"{key}_organ_hu_w1": e["hu_w1"]["organ"],
+                        f"{key}_body_hu_w1": e["hu_w1"]["body"], f"{key}_fidelity_dice": (e.get("fidelity_dice") or {}).get("organ"),
+                        f"{key}_fid": e["fid"], f"{key}_fid_localized": e["fid_localized"], f"{key}_n": e["n"]})
+    real = m["real"]
+    summary.update({"real_anatomy_present_fraction": anatomy_mean(real), "real_body_ok_fraction": real.get("body_ok_fraction"),
+                    "real_bone_ok_fraction": real.get("bone_ok_fraction"),
+                    "real_fidelity_dice": (real.get("fidelity_dice") or {}).get("organ"), "real_n": real["n"],
+                    "wall_s": round(sum(t["wall_s"] for t in timings), 1),
+                    "cpu_s": round(sum(t["cpu_s"] for t in timings), 1)})
+    summary = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        log.warning("demo summary: no value for %s (see evaluation/metrics.json)", missing)
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
 
 
 def _curves_png(out: Path) -> str:

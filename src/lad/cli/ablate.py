@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=16, help="samples per variant")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--features", default="random-resnet10")
-    p.add_argument("--segmenter", help="segmenter folder for conditioning fidelity")
+    p.add_argument("--segmenter", help="segmenter folder for the conditioning-fidelity Dice and the anatomy-present check")
     p.add_argument("--pairs", type=int, default=100)
     p.add_argument("--priors-data", action="append", default=[], metavar="NAME=PREPARED",
                    help="also train each variant on this prepared version of the same windows whose masks are priors "

@@ -16,8 +16,20 @@ def register(parts: argparse._SubParsersAction) -> None:
                    "images; test split: labeled scans for the 1-shot evaluation)")
     p.add_argument("--synthetic", metavar="SAMPLES_DIR", help="`lad sample` output folder (for --train synthetic / real+synthetic)")
     p.add_argument("--train", required=True, choices=["real", "synthetic", "real+synthetic"], help="training volumes")
-    p.add_argument("--synthetic-fraction", type=float, default=0.2,
-                   help="real+synthetic: fraction of training episodes drawn from synthetic volumes (default 0.2, the paper's)")
+    p.add_argument("--synthetic-volumes", metavar="N[,N...]",
+                   help="number of synthetic volumes in the training set (their slices join the real ones; every slice "
+                   "equally likely), or a comma-separated list for a set-size sweep, e.g. 0,8,16 (one model set per size, "
+                   "sweep.csv/.md/.png). Default with real+synthetic: --synthetic-ratio 0.2; with synthetic: all volumes")
+    p.add_argument("--synthetic-ratio", type=float, metavar="R",
+                   help="real+synthetic: N = round(R x the number of real training windows) synthetic volumes (default 0.2, "
+                   "the paper's 'about 20%% of the training set')")
+    p.add_argument("--synthetic-episode-fraction", "--synthetic-fraction", dest="synthetic_episode_fraction", type=float,
+                   metavar="P", help="real+synthetic: instead of the set composition, draw each training episode from the "
+                   "synthetic volumes with probability P (--synthetic-fraction is the old name)")
+    p.add_argument("--test-scans", choices=["original", "windows"], default="original",
+                   help="original (default): the whole original CT of each test patient, read through the prepare manifest "
+                   "(an unreachable file is an error naming it); windows: the test patients' prepared windows put back "
+                   "together (most of each organ outside the pancreas windows is missing)")
     p.add_argument("--setting", type=int, choices=[1, 2], default=1,
                    help="1: all training slices; 2: training slices containing the test organ excluded (one model per organ)")
     p.add_argument("--runs", type=int, default=5, help="training runs with seeds seed..seed+runs-1 (default 5)")
@@ -43,12 +55,16 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     cfg = load_ssl_config(args.preset, overrides)
     preset = Path(args.preset).stem if args.preset.endswith((".yaml", ".yml")) else args.preset
-    res = run_ssl(args.data, args.out, cfg, train=args.train, synthetic=args.synthetic, synthetic_fraction=args.synthetic_fraction,
-                  setting=args.setting, runs=args.runs, preset=preset, backbone_weights=args.backbone_weights,
+    res = run_ssl(args.data, args.out, cfg, train=args.train, synthetic=args.synthetic, synthetic_volumes=args.synthetic_volumes,
+                  synthetic_ratio=args.synthetic_ratio, synthetic_episode_fraction=args.synthetic_episode_fraction,
+                  test_scans=args.test_scans, setting=args.setting, runs=args.runs, preset=preset, backbone_weights=args.backbone_weights,
                   resume=args.resume, overwrite=args.overwrite, device=args.device)
-    print(f"SSL-ALPNet 1-shot Dice (preset {res['preset']}, backbone: {res['backbone']}, {len(res['runs'])} run(s)):")
-    for o in res["organs"]:
-        print(f"  {o:9s} {res['dice_mean'][o]:.3f} +- {res['dice_std'][o]:.3f}")
-    print(f"  {'mean':9s} {res['mean_over_organs']['mean']:.3f} +- {res['mean_over_organs']['std']:.3f}")
-    print(f"results: {Path(args.out) / 'results.json'}, chart: {Path(args.out) / 'dice.png'}")
+    for r in res.get("sweep", [res]):
+        syn = f", {r['synthetic_volumes']} synthetic volumes" if res["train"] != "real" else ""
+        print(f"SSL-ALPNet 1-shot Dice (preset {res['preset']}, backbone: {res['backbone']}{syn}, {len(r['runs'])} run(s)):")
+        for o in res["organs"]:
+            print(f"  {o:9s} {r['dice_mean'][o]:.3f} +- {r['dice_std'][o]:.3f}")
+        print(f"  {'mean':9s} {r['mean_over_organs']['mean']:.3f} +- {r['mean_over_organs']['std']:.3f}")
+    chart = "sweep.png, sweep.csv, sweep.md" if "sweep" in res else "dice.png"
+    print(f"results: {Path(args.out) / 'results.json'}, chart: {Path(args.out) / chart}")
     return 0

@@ -15,9 +15,16 @@ def register(parts: argparse._SubParsersAction) -> None:
         "See docs/downstream-supervised.md.")
     p.add_argument("--data", required=True, help="prepared dataset folder (`lad prepare`) with train and test splits")
     p.add_argument("--synthetic", help="`lad sample` output folder on the same grid (without it: the real arm only)")
-    p.add_argument("--synthetic-multiple", type=int, default=3,
-                   help="synthetic volumes per real training window (capped by what the folder holds; default 3)")
+    p.add_argument("--synthetic-multiple", type=float, metavar="K",
+                   help="synthetic volumes per real training window, the real:synthetic ratio (capped by what the folder "
+                   "holds; default: the preset's synthetic_multiple, 3 = the supplement's 3x)")
+    p.add_argument("--synthetic-volumes", metavar="N[,N...]",
+                   help="instead of --synthetic-multiple: numbers of synthetic volumes added to each real size, one model "
+                   "each (0 = real only), e.g. 0,8,16: a set-size sweep (sweep.csv/.md/.png)")
     p.add_argument("--real-sizes", default="2,4,8", help="comma-separated numbers of real training patients (default 2,4,8)")
+    p.add_argument("--ood-test", metavar="PREPARED_DIR",
+                   help="another prepared dataset (same spacing and organ of interest; all its patients) evaluated as an "
+                   "out-of-distribution test set, reported separately (metrics_ood, scaling_ood.png)")
     p.add_argument("--preset", default="demo", help="paper | demo | tiny | a YAML file (default demo)")
     p.add_argument("--out", required=True, help="experiment output folder")
     p.add_argument("--network", help="MONAI network name (segresnet, unet, basicunet, dynunet, swinunetr, ...)")
@@ -38,14 +45,18 @@ def run(args: argparse.Namespace) -> int:
         [f"seed={args.seed}"] if args.seed is not None else [])
     cfg = load_supervised_config(args.preset, overrides)
     res = run_supervised(args.data, args.out, cfg, synthetic=args.synthetic, synthetic_multiple=args.synthetic_multiple,
-                         real_sizes=args.real_sizes, preset=args.preset, device=args.device, resume=args.resume,
+                         synthetic_volumes=args.synthetic_volumes, real_sizes=args.real_sizes, ood_test=args.ood_test,
+                         preset=args.preset, device=args.device, resume=args.resume,
                          overwrite=args.overwrite)
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for r in res["runs"]:
-        m = r["metrics"]
-        fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        print(f"{r['real_patients']:>4} real  {r['arm']:<15} DSC organ {fmt(m['dice']['organ']['mean'])}  "
-              f"DSC tumour {fmt(m['dice']['tumor']['mean'])}  "
-              f"NSD tumour {fmt(m['nsd']['tumor']['mean'])}  patient sens {fmt(m['patient_sensitivity']['value'])}  "
-              f"tumour sens {fmt(m['tumor_sensitivity']['value'])}")
-    print(f"results: {args.out}/results.json, curve: {args.out}/scaling.png (preset {args.preset})")
+        for test, key in (("ID ", "metrics"), ("OOD", "metrics_ood")):
+            if key not in r:
+                continue
+            m = r[key]
+            print(f"{r['real_patients']:>4} real  {r['arm']:<20} {test} DSC organ {fmt(m['dice']['organ']['mean'])}  "
+                  f"DSC tumour {fmt(m['dice']['tumor']['mean'])}  "
+                  f"NSD tumour {fmt(m['nsd']['tumor']['mean'])}  patient sens {fmt(m['patient_sensitivity']['value'])}  "
+                  f"tumour sens {fmt(m['tumor_sensitivity']['value'])}  early sens {fmt(m['early_tumor_sensitivity']['value'])}")
+    print(f"results: {args.out}/results.json, curve: {args.out}/scaling.png, table: {args.out}/sweep.md (preset {args.preset})")
     return 0

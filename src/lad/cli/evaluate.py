@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", default="random-resnet10",
                    help="FEATURES_DIR from `lad features train` (in-domain), medicalnet-resnet{10,18,34,50}:/path/weights.pth, "
                    "or random-resnetN (default; labelled 'untrained features')")
-    p.add_argument("--segmenter", help="segmenter folder (lad priors train) for conditioning-fidelity Dice")
+    p.add_argument("--segmenter", help="segmenter folder (lad priors train) for the conditioning-fidelity Dice and the anatomy-present check")
     p.add_argument("--pairs", type=int, default=400, help="MS-SSIM pairs (default 400)")
     p.add_argument("--bootstrap", type=int, default=200, help="replicates of each metric's 95 %% bootstrap interval (0: none)")
     p.add_argument("--seed", type=int, default=0)

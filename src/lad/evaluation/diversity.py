@@ -3,7 +3,7 @@
 Thin volumes (depth 32, also 16 / 8) do not fit MONAI's ``MultiScaleSSIMMetric``: it pools all three
 axes by 2 after every scale (also after the last one) and checks ``size // (n_scales - 1)^2 >
 kernel - 1`` per axis, so 5 scales need depth >= 32 and fail at 16; depth 8 fails already at 4 scales
-(REFERENCE.md: with an 11-voxel kernel only 2 scales fit along z). Written here instead, with the same
+(with an 11-voxel kernel only 2 scales fit along z). Written here instead, with the same
 formulas as MONAI (Gaussian window, valid convolution, ``relu`` of the per-scale means, product of
 powers), but:
 

@@ -4,7 +4,10 @@ Real data: a prepared dataset (its ``test`` split is the held-out real set, its 
 memorisation reference and the source of the original masks for the localized crop). Synthetic
 data: one or more ``lad sample`` folders (``name=path`` to label them, e.g. ``V0=... Lad=...``).
 Outputs ``metrics.json`` (every number with N, extractor, crop box, settings, versions) and a
-self-contained ``report.html``.
+self-contained ``report.html``. The automatic anatomy and realism checks (``lad.evaluation.anatomy``:
+anatomy present with ``segmenter``, body outline, spine bone, per-tissue HU Wasserstein-1) are scored
+for every set and for the real windows themselves (the ceiling); the VQ-GAN reconstruction report of
+each set's run folder (``RUN/vqgan_reconstruction.json``, written by ``lad train vqgan``) is carried over.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lad.data.labels import hu_to_unit
+from lad.evaluation.anatomy import AnatomyReference, hu_w1
 from lad.evaluation.features import FeatureExtractor
 from lad.evaluation.crops import apply_box, max_bounding_box
 from lad.evaluation.diversity import pairwise_ms_ssim
@@ -103,7 +107,9 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     real = Path(real)
     _, real_vols, real_masks, real_organs = _real(real, "test")
     train_ds, train_vols, train_masks, _ = _real(real, "train")
+    real_split = "test"
     if len(real_vols) < 2:
+        real_split = "train (fewer than two test windows)"
         log.warning("%s: fewer than two held-out (test) windows; using the training windows as the real set", real)
         real_vols, real_masks, real_organs = train_vols, train_masks, [train_ds[i]["organs"][0] for i in range(len(train_ds))]
     box = max_bounding_box(train_masks)
@@ -115,17 +121,27 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     f_train = fx.extract(train_vols, n=len(train_vols), cache_dir=cache)
     real_div = pairwise_ms_ssim([v[0] for v in real_vols], n_pairs=n_pairs, seed=seed)
     bins = np.linspace(-200, 300, 51)
+    seg = None
+    if segmenter is not None:
+        from lad.evaluation.fidelity import load_segmenter
+
+        seg = load_segmenter(segmenter, device)
+    ref, real_checks = _anatomy_reference(real_vols, real_masks, seg, device)
     results: dict[str, Any] = {
         "real": {"path": str(real), "n": len(real_vols), "n_train": len(train_vols), "ms_ssim": real_div.value,
                  "ms_ssim_ci95": mean_ci(real_div.details.pop("values"), n_boot=n_boot, seed=seed) if n_boot else None,
                  "ms_ssim_pairs": real_div.n_a,
                  "hu_hist": {"organ": _hu_hist(real_vols, real_masks, lambda m: m == 1, bins),
-                             "liver": _hu_hist(real_vols, real_organs, lambda m: m == 1, bins)}},
+                             "liver": _hu_hist(real_vols, real_organs, lambda m: m == 1, bins)},
+                 "split": real_split,
+                 **ref.summarize(real_checks["checks"]), **({"fidelity_dice": real_checks["fidelity"]} if seg is not None else {}),
+                 **({"fidelity_dice_ci95": real_checks["fidelity_ci95"](n_boot, seed)} if seg is not None and n_boot else {})},
         "sets": {},
         "settings": {"features": fx.label, "features_kind": fx.kind, "features_trained_on": fx.trained_on and
                      {k: v for k, v in fx.trained_on.items() if k != "windows"}, "bootstrap": bootstrap_settings(n_boot, seed),
                      "pretrained_features": fx.is_pretrained, "localized_box": [[s.start, s.stop] for s in box],
-                     "ms_ssim": real_div.details, "n_pairs": n_pairs, "seed": seed, "hu_bins": bins.tolist()},
+                     "ms_ssim": real_div.details, "n_pairs": n_pairs, "seed": seed, "hu_bins": bins.tolist(),
+                     "anatomy": ref.to_dict()},
         "versions": _versions(),
     }
     embeds = {"real": f_real}
@@ -147,12 +163,16 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
             "n_features_dim": r_fid.details["feature_dim"], "mmd_localized_bandwidth": l_mmd.details["bandwidth"],
         }
         add_intervals(entry, f_real, f_syn, f_real_loc, f_syn_loc, ms_ssim_values=div.details["values"], n_boot=n_boot, seed=seed)
-        if segmenter is not None:
-            from lad.evaluation.fidelity import conditioning_fidelity_with_ci
-
-            entry["fidelity_dice"], ci = conditioning_fidelity_with_ci(segmenter, vols, masks, device=device, n_boot=n_boot, seed=seed)
-            if ci:
-                entry["fidelity_dice_ci95"] = ci
+        scored = _score_set(ref, vols, masks, seg, device)
+        entry.update(ref.summarize(scored["checks"]))
+        if seg is not None:
+            entry["fidelity_dice"] = scored["fidelity"]
+            if n_boot:
+                entry["fidelity_dice_ci95"] = scored["fidelity_ci95"](n_boot, seed)
+        entry["hu_w1"] = {k: _w1(scored["hu"][k], real_checks["hu"][k]) for k in ("organ", "body")}
+        recon = _vqgan_reconstruction(Path(folder))
+        if recon is not None:
+            entry["vqgan_reconstruction"] = recon
         results["sets"][name] = entry
         embeds[name] = f_syn
         figures_data[name] = (vols, masks)
@@ -166,6 +186,60 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     write_report(out, results, embeds, figures_data, (real_vols, real_masks), box, extra_figures=extra)
     log.info("evaluation written to %s (%.1f s)", out, results["seconds"])
     return results
+
+
+def _score_set(ref: AnatomyReference | None, vols: list[np.ndarray], masks: list[np.ndarray], seg, device) -> dict[str, Any]:
+    """One pass over a set, one volume at a time: the anatomy checks against ``ref`` (None: not yet built),
+    the segmenter's fidelity Dice against the conditioning masks, and HU samples inside the conditioning
+    organ (mask label 1) and the body for the Wasserstein-1 distances."""
+    from lad.data.labels import unit_to_hu
+    from lad.evaluation.anatomy import HUSampler, body_component
+    from lad.evaluation.fidelity import FidelityDice, segment
+
+    fd = FidelityDice()
+    hu_s = {"organ": HUSampler(), "body": HUSampler()}
+    checks, labels, hus = [], [], []
+    for v, m in zip(vols, masks):
+        hu = unit_to_hu(v[0])
+        pred = segment(seg, v, device) if seg is not None else None
+        if pred is not None:
+            fd.update(pred, m)
+        body = body_component(hu)
+        hu_s["organ"].add(hu, m == 1)
+        hu_s["body"].add(hu, body)
+        if ref is not None:
+            checks.append(ref.check(hu, pred, body=body))
+        else:
+            labels.append(pred)
+            hus.append(hu)
+    return {"checks": checks, "fidelity": fd.value(), "fidelity_ci95": fd.ci95, "hu": hu_s, "labels": labels, "hus": hus}
+
+
+def _w1(a, b) -> float | None:
+    """Wasserstein-1 (HU) between two ``HUSampler``s; None when one holds no value (e.g. no body at all)."""
+    va, vb = a.values(), b.values()
+    return hu_w1(va, vb) if va.size and vb.size else None
+
+
+def _anatomy_reference(real_vols: list[np.ndarray], real_masks: list[np.ndarray], seg, device):
+    """The anatomy reference of the real windows and their own scores (the ceiling of every check)."""
+    scored = _score_set(None, real_vols, real_masks, seg, device)
+    ref = AnatomyReference.from_real(scored["hus"], scored["labels"] if seg is not None else None)
+    labels = scored.pop("labels")  # None per window without a segmenter
+    scored["checks"] = [ref.check(h, lab) for h, lab in zip(scored.pop("hus"), labels)]
+    return ref, scored
+
+
+def _vqgan_reconstruction(folder: Path) -> dict[str, Any] | None:
+    """``RUN/vqgan_reconstruction.json`` of the run a sample folder was drawn from (``sampling.json``), if any."""
+    settings = folder / "sampling.json"
+    if not settings.exists():
+        return None
+    run = json.loads(settings.read_text()).get("run")
+    path = Path(run) / "vqgan_reconstruction.json" if run else None
+    if path is None or not path.exists():
+        return None
+    return {**json.loads(path.read_text()), "path": str(path)}
 
 
 def _check_feature_split(fx: FeatureExtractor, real: Path) -> None:

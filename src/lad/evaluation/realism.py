@@ -1,9 +1,9 @@
 """Realism and coverage metrics on feature vectors (paper section 4.2, Table 1): FID, MMD, PRDC.
 
 All functions take features ``(N, F)`` (any float dtype; computed in float64) and return the sample
-counts with the value, because FID in particular is strongly biased at small N (REFERENCE.md).
+counts with the value, because FID in particular is strongly biased at small N.
 
-Why not MONAI's metrics (REFERENCE.md, "Evaluation pitfalls"):
+Why not MONAI's metrics:
 - ``monai.metrics.FIDMetric`` forms ``sqrtm(S_a S_b)`` iteratively: 20-75 s per call at 2048 features
   on 2 cores. Here ``tr((S_a S_b)^(1/2))`` is computed exactly from a symmetric eigendecomposition or,
   when N is below the feature dimension, as the nuclear norm of an ``N_a x N_b`` matrix

@@ -169,8 +169,79 @@ def _table(results: dict[str, Any]) -> str:
                   + f"<td>{e['memorisation']['n_flagged']}/{e['n']}</td><td>{html.escape(fd_txt)}</td><td>{e['n']}</td>")
         rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
     real = results["real"]
-    rows.append(f"<tr><th>real (held-out)</th><td colspan=4></td><td>{_ci(real['ms_ssim'], real.get('ms_ssim_ci95'))}</td><td colspan=5></td><td>{real['n']}</td></tr>")
+    fd, fd_ci = real.get("fidelity_dice"), real.get("fidelity_dice_ci95", {})
+    fd_txt = html.escape(", ".join(f"{k} {_ci(v, fd_ci.get(k), '.3f')}" for k, v in fd.items()) + " (ceiling)") if fd else ""
+    rows.append(f"<tr><th>real (held-out)</th><td colspan=4></td><td>{_ci(real['ms_ssim'], real.get('ms_ssim_ci95'))}</td>"
+                f"<td colspan=4></td><td>{fd_txt}</td><td>{real['n']}</td></tr>")
     return f"<table><tr><th></th>{head}{extra_head}</tr>{''.join(rows)}</table>"
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _anatomy_table(results: dict[str, Any]) -> str:
+    """Set | present fraction per structure | body ok | bone ok | W1 organ | W1 body | fidelity Dice, with the
+    held-out real windows as the last row (the ceiling: the reference is built from them)."""
+    from lad.evaluation.anatomy import CORE_STRUCTURES, STRUCTURES
+
+    mean_key = "mean_" + "_".join(CORE_STRUCTURES)
+    real = results["real"]
+    has_anat = "anatomy" in real
+    head = ("".join(f"<th>{s}</th>" for s in STRUCTURES) + f"<th>mean ({', '.join(CORE_STRUCTURES)})</th>") if has_anat else ""
+    head += "<th>body ok</th><th>bone ok</th><th>W1 organ (HU)</th><th>W1 body (HU)</th><th>fidelity Dice (organ)</th><th>N</th>"
+
+    def row(name: str, e: dict[str, Any], w1: tuple[str, str]) -> str:
+        cells = ""
+        if has_anat:
+            a = e.get("anatomy")
+            cells += ("".join(f"<td>{_fmt(a['present_fraction'][s])}</td>" for s in STRUCTURES) if a
+                      else f"<td colspan={len(STRUCTURES)}></td>")
+            cells += f"<td><b>{_fmt(a[mean_key])}</b></td>" if a else "<td></td>"
+        fd = (e.get("fidelity_dice") or {}).get("organ")
+        cells += (f"<td>{_fmt(e.get('body_ok_fraction'))}</td><td>{_fmt(e.get('bone_ok_fraction'))}</td><td>{w1[0]}</td><td>{w1[1]}</td>"
+                  f"<td>{_fmt(fd, '.3f') if fd is not None else 'n/a (no --segmenter)'}</td><td>{e['n']}</td>")
+        return f"<tr><th>{html.escape(name)}</th>{cells}</tr>"
+
+    rows = [row(name, e, (_fmt(e["hu_w1"]["organ"], ".1f"), _fmt(e["hu_w1"]["body"], ".1f")))
+            for name, e in results["sets"].items() if "body_ok_fraction" in e]
+    if not rows:
+        return ""
+    label = "real (held-out, ceiling)" if real.get("split", "test") == "test" else "real (training windows, ceiling)"
+    rows.append(row(label, real, ("0 (reference)", "0 (reference)")))
+    a = results["settings"].get("anatomy", {})
+    lo, hi = a.get("body_fraction_range", (float("nan"), float("nan")))
+    note = (f"<p>Present: the segmenter's voxel count of the structure lies inside the range of its counts on the real windows "
+            f"(5th percentile rounded down, 95th rounded up, at least 1 voxel). Body ok: the largest component above "
+            f"{a.get('body_hu', -500):g} HU covers {lo:.3f}-{hi:.3f} of the window (the real windows' minimum-maximum). Bone ok: a "
+            f"component above {a.get('bone_hu', 200):g} HU of at least {a.get('bone_min_voxels')} voxels lies at least half inside "
+            f"the real windows' spine region ({a.get('spine_region_voxels')} voxels). W1: Wasserstein-1 distance between the "
+            f"synthetic and real HU values inside the conditioning organ and inside the body. The real row scores the real "
+            f"windows against the reference built from themselves.</p>")
+    return f"<h2>Anatomy and realism checks</h2><table><tr><th></th>{head}</tr>{''.join(rows)}</table>{note}"
+
+
+def _reconstruction_table(results: dict[str, Any]) -> str:
+    """The VQ-GAN reconstruction report of each set's run folder, when it has one."""
+    from lad.evaluation.reconstruction import RECON_ORGANS
+
+    recs = {name: e["vqgan_reconstruction"] for name, e in results["sets"].items() if e.get("vqgan_reconstruction")}
+    if not recs:
+        return ""
+    head = ("<th>MAE body (HU)</th><th>bias body (HU)</th>" + "".join(f"<th>{o} mean-HU error</th>" for o in RECON_ORGANS)
+            + "<th>codes used</th><th>perplexity</th><th>windows</th>")
+    rows = []
+    for name, r in recs.items():
+        cells = f"<td>{_fmt(r.get('mae_body_hu'), '.1f')}</td><td>{_fmt(r.get('bias_body_hu'), '+.1f')}</td>"
+        cells += "".join(f"<td>{_fmt(r.get('organ_mean_hu_error', {}).get(o), '+.1f')}</td>" for o in RECON_ORGANS)
+        cells += (f"<td>{r['codes_used']}/{r['num_embeddings']}</td><td>{r['perplexity']:.1f}</td>"
+                  f"<td>{r['n_windows']} ({html.escape(str(r.get('split')))})</td>")
+        rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
+    return ("<h2>VQ-GAN reconstruction (held-out windows)</h2>"
+            f"<table><tr><th>run of</th>{head}</tr>{''.join(rows)}</table>"
+            "<p>Written by <code>lad train vqgan</code> into <code>RUN/vqgan_reconstruction.json</code>: the body is the voxels "
+            "above -500 HU in the real window; bias and organ errors are reconstruction minus real (positive: too bright). "
+            "Samples are decoded by this VQ-GAN, so they cannot look better than its reconstructions.</p>")
 
 
 def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarray], sets: dict, real: tuple, box,
@@ -205,6 +276,7 @@ masks, box (D, H, W) = <code>{s['localized_box']}</code>, applied to real and sy
 MS-SSIM over up to {s['n_pairs']} random pairs (seed {s['seed']}), kernel {s['ms_ssim']['kernel_size']},
 {s['ms_ssim']['scales']} scales; lower = more diverse. Memorised = synthetic volumes closer to a training volume
 than any held-out real volume is. Real held-out N = {results['real']['n']}, training N = {results['real']['n_train']}.</p>
+{_anatomy_table(results)}{_reconstruction_table(results)}
 <h2>Figures</h2>{fig_html}
 <h2>Versions</h2><pre>{html.escape(str(results['versions']))}</pre>
 </body></html>"""

@@ -73,8 +73,13 @@ def guided_epsilon(denoiser: Callable[..., torch.Tensor], z_t: torch.Tensor, t: 
 def diffusion_loss(denoiser: Callable[..., torch.Tensor], scheduler, z0: torch.Tensor, cond: torch.Tensor | None,
                    generator: torch.Generator | None = None, loss: str = "l1",
                    shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Epsilon objective of one batch: ``t ~ U{0, ..., T-1}``, ``eps ~ N(0, I)``,
-    ``z_t = scheduler.add_noise(z0, eps, t)``, ``loss(denoiser(z_t, t, cond), eps)`` (mean over all elements).
+    """Denoising objective of one batch: ``t ~ U{0, ..., T-1}``, ``eps ~ N(0, I)``,
+    ``z_t = scheduler.add_noise(z0, eps, t)``, ``loss(denoiser(z_t, t, cond), target)`` (mean over all elements).
+
+    The target follows ``scheduler.config["prediction_type"]``: ``"epsilon"`` (the paper: ``eps``),
+    ``"v_prediction"`` (``sqrt(a_t) eps - sqrt(1 - a_t) z0``, Salimans & Ho 2022) or ``"sample"`` (``z0``).
+    Classifier-free guidance combines v predictions with the same eq. (4) weights: v is affine in eps at a
+    fixed ``z_t`` and the weights sum to one, so guiding v equals guiding eps.
 
     ``z0``: (B, C, *spatial) float (scaled latent); ``cond``: (B, K) or None; ``scheduler`` needs
     ``num_train_timesteps`` and ``add_noise``; ``loss``: "l1" (the release) or "l2".
@@ -90,5 +95,7 @@ def diffusion_loss(denoiser: Callable[..., torch.Tensor], scheduler, z0: torch.T
     noise = torch.randn((b * w, *z0.shape[1:]), generator=generator, device=dev)[r::w].to(z0.device, z0.dtype)
     z_t = scheduler.add_noise(z0, noise, t)
     pred = denoiser(z_t, t, cond)
-    value = F.l1_loss(pred.float(), noise.float()) if loss == "l1" else F.mse_loss(pred.float(), noise.float())
+    kind = getattr(scheduler, "config", {}).get("prediction_type", "epsilon")
+    target = noise if kind == "epsilon" else scheduler.get_velocity(z0, noise, t) if kind == "v_prediction" else z0
+    value = F.l1_loss(pred.float(), target.float()) if loss == "l1" else F.mse_loss(pred.float(), target.float())
     return value, {"diffusion": value.detach()}

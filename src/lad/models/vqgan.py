@@ -1,9 +1,17 @@
 """VQ-GAN autoencoder following Medical Diffusion (the paper's latent space, section 3.2).
 
-Encoder: conv -> [strided conv + residual blocks] per stage -> pre-quantisation conv to
-``embedding_dim`` channels; EMA codebook; decoder mirrors the encoder with nearest-neighbour
-upsampling + conv (no transposed convolutions, which leave checkerboard "dot" artefacts that users
-of the release report). Group norm, SiLU, replicate padding as the release.
+Two layouts (``architecture``):
+
+- ``"release"``: the public release's (TATS-style) autoencoder. Encoder: 3^3 conv -> per stage a
+  kernel-4 strided "same" conv + ``num_res_blocks`` residual blocks -> GroupNorm + SiLU -> 1^3 conv to
+  ``embedding_dim``. Decoder: 1^3 conv -> GroupNorm + SiLU -> per stage a kernel-4 transposed conv +
+  two residual blocks (widths ``channels[-1], ..., channels[1]``: the full-resolution stage keeps
+  ``channels[1]``) -> 3^3 conv. The paper presets use it.
+- ``"compact"`` (ours; the demo and tiny presets): kernel-3 strided convs, and a decoder that mirrors
+  the encoder with nearest-neighbour upsampling + conv (transposed convolutions can leave
+  checkerboard artefacts) and ``num_res_blocks`` blocks per stage, ending at ``channels[0]``.
+
+Both: EMA codebook, group norm, SiLU, replicate padding as the release.
 
 Shapes: ``x`` (B, in_channels, D, H, W) float32 in [0, 1] -> ``z_e`` (B, embedding_dim, D/fd, H/fh, W/fw)
 for ``downsample=(fd, fh, fw)`` (powers of two).
@@ -27,6 +35,40 @@ __all__ = ["VQGAN", "VQGANOutput"]
 def _conv(spatial_dims: int, cin: int, cout: int, k: int = 3, stride=1, padding_mode: str = "replicate") -> nn.Module:
     conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
     return conv(cin, cout, k, stride=stride, padding=k // 2, padding_mode=padding_mode if k > 1 else "zeros")
+
+
+def _same_pad(k: int, stride) -> list[int]:
+    """F.pad amounts (last axis first) of a "same" convolution with kernel ``k`` and per-axis ``stride``:
+    ``k - s`` in all, the larger half in front (the release's SamePadConv3d)."""
+    pads = [k - s for s in stride]
+    return [q for p in reversed(pads) for q in (p // 2 + p % 2, p // 2)]
+
+
+class SamePadConv(nn.Module):
+    """Kernel-``k`` strided conv on a replicate-padded input: output size ``ceil(n / s)`` (the release's encoder)."""
+
+    def __init__(self, spatial_dims: int, cin: int, cout: int, k: int, stride, padding_mode: str):
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.pad, self.mode = _same_pad(k, stride), padding_mode
+        self.conv = conv(cin, cout, k, stride=stride, padding=0)
+
+    def forward(self, x):
+        return self.conv(torch.nn.functional.pad(x, self.pad, mode=self.mode))
+
+
+class SamePadConvTranspose(nn.Module):
+    """Kernel-``k`` transposed conv that multiplies each axis by its stride (the release's decoder):
+    replicate-pad by ``k - s``, then ``ConvTranspose(k, stride=s, padding=k - 1)``."""
+
+    def __init__(self, spatial_dims: int, cin: int, cout: int, k: int, stride, padding_mode: str):
+        super().__init__()
+        conv = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+        self.pad, self.mode = _same_pad(k, stride), padding_mode
+        self.conv = conv(cin, cout, k, stride=stride, padding=k - 1)
+
+    def forward(self, x):
+        return self.conv(torch.nn.functional.pad(x, self.pad, mode=self.mode))
 
 
 def _norm(ch: int, groups: int) -> nn.GroupNorm:
@@ -83,8 +125,11 @@ class VQGAN(PretrainedMixin, nn.Module):
         dead_code_threshold: float = 1e-3,
         restart_dead_codes: bool = True,
         gradient_checkpointing: bool = True,
+        architecture: str = "compact",
     ):
         super().__init__()
+        if architecture not in ("compact", "release"):
+            raise ValueError(f"architecture must be 'compact' or 'release', got {architecture!r}")
         if len(downsample) != spatial_dims:
             raise ValueError(f"downsample needs {spatial_dims} factors, got {downsample}")
         if any(f < 1 or f & (f - 1) for f in downsample):
@@ -96,9 +141,11 @@ class VQGAN(PretrainedMixin, nn.Module):
         strides = [tuple(2 if (f >> i) > 1 else 1 for f in downsample) for i in range(n_stages)]
         sd, g, pm = spatial_dims, norm_num_groups, padding_mode
 
+        release = architecture == "release"
         enc: list[nn.Module] = [_conv(sd, in_channels, channels[0], 3, 1, pm)]
-        for i, s in enumerate(strides):
-            enc.append(_conv(sd, channels[i], channels[i + 1], 3, s, pm))
+        for i, s_ in enumerate(strides):
+            enc.append(SamePadConv(sd, channels[i], channels[i + 1], 4, s_, pm) if release
+                       else _conv(sd, channels[i], channels[i + 1], 3, s_, pm))
             enc += [ResBlock(sd, channels[i + 1], g, pm) for _ in range(num_res_blocks)]
         enc += [_norm(channels[-1], g), nn.SiLU(), _conv(sd, channels[-1], embedding_dim, 1)]
         self.encoder = nn.Sequential(*enc)
@@ -107,13 +154,23 @@ class VQGAN(PretrainedMixin, nn.Module):
                                       commitment_cost=commitment_cost, dead_code_threshold=dead_code_threshold,
                                       restart_dead_codes=restart_dead_codes)
 
-        dec: list[nn.Module] = [_conv(sd, embedding_dim, channels[-1], 1)]
-        dec += [ResBlock(sd, channels[-1], g, pm) for _ in range(num_res_blocks)]
-        for i in reversed(range(n_stages)):
-            dec.append(nn.Upsample(scale_factor=strides[i], mode="nearest"))
-            dec.append(_conv(sd, channels[i + 1], channels[i], 3, 1, pm))
-            dec += [ResBlock(sd, channels[i], g, pm) for _ in range(num_res_blocks)]
-        dec += [_norm(channels[0], g), nn.SiLU(), _conv(sd, channels[0], out_channels, 3, 1, pm)]
+        if release:
+            dec: list[nn.Module] = [_conv(sd, embedding_dim, channels[-1], 1), _norm(channels[-1], g), nn.SiLU()]
+            ch = channels[-1]
+            for j, i in enumerate(reversed(range(n_stages))):
+                out = channels[n_stages - j]
+                dec.append(SamePadConvTranspose(sd, ch, out, 4, strides[i], pm))
+                dec += [ResBlock(sd, out, g, pm) for _ in range(2)]
+                ch = out
+            dec.append(_conv(sd, ch, out_channels, 3, 1, pm))
+        else:
+            dec = [_conv(sd, embedding_dim, channels[-1], 1)]
+            dec += [ResBlock(sd, channels[-1], g, pm) for _ in range(num_res_blocks)]
+            for i in reversed(range(n_stages)):
+                dec.append(nn.Upsample(scale_factor=strides[i], mode="nearest"))
+                dec.append(_conv(sd, channels[i + 1], channels[i], 3, 1, pm))
+                dec += [ResBlock(sd, channels[i], g, pm) for _ in range(num_res_blocks)]
+            dec += [_norm(channels[0], g), nn.SiLU(), _conv(sd, channels[0], out_channels, 3, 1, pm)]
         self.decoder = nn.Sequential(*dec)
         # the full-resolution part of the decoder (last upsampling onwards), checkpointed per block in
         # training: at the paper's shape (2 x 32x256x256) each 16-channel full-res activation is 0.5 GiB
@@ -121,7 +178,7 @@ class VQGAN(PretrainedMixin, nn.Module):
         # skipped (a 17 MB activation); at 2 x 32x256x256 it cut the step's peak RSS from 8.08 to 6.41 GiB
         self.gradient_checkpointing = gradient_checkpointing
         self.checkpoint_min_bytes = 64 * 2**20
-        ups = [i for i, m in enumerate(dec) if isinstance(m, nn.Upsample)]
+        ups = [i for i, m in enumerate(dec) if isinstance(m, (nn.Upsample, SamePadConvTranspose))]
         self._full_res = ups[-1] if ups else len(dec)
 
     def latent_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -166,8 +223,10 @@ class VQGAN(PretrainedMixin, nn.Module):
             return self.decoder(z)
         h = self.decoder[: self._full_res](z)
         tail = list(self.decoder[self._full_res :])
-        # segments: upsample + conv, each residual block, norm + SiLU + conv head
-        segments = [tail[:2]] + [[m] for m in tail[2:-3]] + [tail[-3:]]
+        # segments: the upsampling (+ conv), each residual block, the head
+        up = 2 if isinstance(tail[0], nn.Upsample) else 1
+        head = 3 if isinstance(tail[-3], nn.GroupNorm) else 1
+        segments = [tail[:up]] + [[m] for m in tail[up:-head]] + [tail[-head:]]
         for seg in segments:
             h = checkpoint(nn.Sequential(*seg), h, use_reentrant=False)
         return h

@@ -34,7 +34,7 @@ class AugmentConfig:
     """Parameters of the condition augmentation (all in the mask's (D, H, W) voxel frame).
 
     Defaults follow the paper (flip + affine + elastic) with the magnitudes MAISI uses for mask
-    augmentation (REFERENCE.md): small rotation/scale/translation, elastic sigma 5-8 and magnitude
+    augmentation: small rotation/scale/translation, elastic sigma 5-8 and magnitude
     100-200 voxels at 256 x 256 in-plane (scaled here by ``elastic_reference_size``).
     """
 

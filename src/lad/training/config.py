@@ -1,7 +1,7 @@
 """Training configuration: typed dataclasses (the source of truth), YAML presets, ablation variants.
 
 Presets live in ``src/lad/configs/train-<name>.yaml``: ``paper-abdomenct1k`` and
-``paper-totalsegmentator`` (the paper's hyperparameters, REFERENCE.md; the learning rate is used
+``paper-totalsegmentator`` (the paper's hyperparameters and the public release's recipe; the learning rate is used
 exactly as configured, never rescaled), ``demo`` (minutes on 2 CPU cores) and ``tiny`` (tests).
 """
 
@@ -28,6 +28,9 @@ class VQGANModelConfig:
     decay: float = 0.99
     norm_num_groups: int = 16
     dead_code_threshold: float = 1e-3
+    # "release": the public release's autoencoder (kernel-4 convs, transposed-conv decoder with two residual
+    # blocks per stage); "compact": ours (lad.models.vqgan)
+    architecture: Literal["compact", "release"] = "compact"
 
 
 @dataclasses.dataclass
@@ -46,6 +49,8 @@ class VQGANTrainConfig:
     locality_weight: float = 1.0
     disc_channels: int = 64
     disc_layers: int = 3
+    disc_kernel: int = 3  # 4: pix2pix's and the release's PatchGAN; 3: ours
+    feature_matching: Literal["mean", "sum"] = "mean"  # "sum" over discriminator layers: the release
 
 
 @dataclasses.dataclass
@@ -66,6 +71,8 @@ class DiffusionTrainConfig:
     timesteps: int = 300
     schedule: Literal["cosine", "linear"] = "cosine"
     loss: Literal["l1", "l2"] = "l1"
+    # what the denoiser predicts: "epsilon" (the paper), "v_prediction" or "sample" (x0)
+    prediction: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     ema_decay: float = 0.995
     p_uncond: float = 0.25
     grad_clip: float = 1.0

@@ -140,7 +140,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     scale = torch.tensor(stats["scale"], device=dev).view(1, -1, 1, 1, 1)
 
     ema = make_ema(net, decay=t.ema_decay)
-    scheduler = DDPMScheduler(num_train_timesteps=t.timesteps, schedule=t.schedule)
+    scheduler = DDPMScheduler(num_train_timesteps=t.timesteps, schedule=t.schedule, prediction_type=t.prediction)
     # data parallel (torchrun): DDP on the denoiser + Condition Extractor; the module itself outside torchrun
     train_step = wrap_ddp(_DiffusionStep(net, scheduler, guidance.diffusion_loss, guidance.drop_condition, p_uncond=t.p_uncond,
                                          loss=t.loss, shard=(get_rank(), get_world_size())), dev)

@@ -1,6 +1,6 @@
 """Losses of the VQ-GAN stage: the Locality Loss (paper eq. 2-3), hinge GAN terms, feature matching.
 
-``VQGANLoss`` combines them with the release's weights (REFERENCE.md): L1 x4, perceptual x4 on one
+``VQGANLoss`` combines them with the public release's weights: L1 x4, perceptual x4 on one
 random axial slice, 2D and 3D PatchGAN x0.25 each (hinge), feature matching x4, discriminators on
 after ``disc_start`` steps, plus ``locality_weight`` (lambda, default 1.0) x Locality Loss.
 """
@@ -73,10 +73,15 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def feature_matching_loss(feats_real: list[torch.Tensor], feats_fake: list[torch.Tensor]) -> torch.Tensor:
-    """L1 between intermediate discriminator features (real detached), averaged over layers."""
+def feature_matching_loss(feats_real: list[torch.Tensor], feats_fake: list[torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """L1 between intermediate discriminator features (real detached), over the layers before the logits:
+    ``"sum"`` as the public release (its per-layer weight 4 / (n_layers + 1) is 1 for 3 layers), or ``"mean"``
+    (ours, the demo and tiny presets: 1 / (n_layers + 1) of the release's weight)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     layers = list(zip(feats_real[:-1], feats_fake[:-1]))
-    return sum(F.l1_loss(f, r.detach()) for r, f in layers) / max(len(layers), 1)
+    total = sum(F.l1_loss(f, r.detach()) for r, f in layers)
+    return total if reduction == "sum" else total / max(len(layers), 1)
 
 
 class VQGANLoss(nn.Module):
@@ -85,7 +90,7 @@ class VQGANLoss(nn.Module):
     def __init__(self, *, l1_weight: float = 4.0, perceptual_weight: float = 4.0, perceptual: nn.Module | None = None,
                  disc2d_weight: float = 0.25, disc3d_weight: float = 0.25, feature_matching_weight: float = 4.0,
                  locality_weight: float = 1.0, disc_start: int = 50000, spatial_dims: int = 3, disc_channels: int = 64,
-                 disc_layers: int = 3):
+                 disc_layers: int = 3, disc_kernel: int = 3, feature_matching: str = "mean"):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -95,9 +100,11 @@ class VQGANLoss(nn.Module):
         self.feature_matching_weight, self.locality_weight, self.disc_start = feature_matching_weight, locality_weight, disc_start
         self.perceptual = perceptual
         self.rank, self.world = 0, 1  # data-parallel shard of the global batch (set_shard)
-        self.disc2d = PatchDiscriminator(spatial_dims=2, channels=disc_channels, num_layers=disc_layers)
+        self.feature_matching = feature_matching
+        self.disc2d = PatchDiscriminator(spatial_dims=2, channels=disc_channels, num_layers=disc_layers, kernel_size=disc_kernel)
         # for 2D images the 2D discriminator sees the whole image and there is no 3D one
-        self.disc3d = PatchDiscriminator(spatial_dims=3, channels=disc_channels, num_layers=disc_layers) if spatial_dims == 3 else None
+        self.disc3d = PatchDiscriminator(spatial_dims=3, channels=disc_channels, num_layers=disc_layers,
+                                         kernel_size=disc_kernel) if spatial_dims == 3 else None
 
     def set_shard(self, rank: int, world: int) -> None:
         """This process holds samples ``rank::world`` of each global batch (DDP): random slices are drawn for
@@ -147,7 +154,7 @@ class VQGANLoss(nn.Module):
             with torch.no_grad():
                 f2_real = self.disc2d(x2)
             g2 = hinge_g_loss(f2_fake[-1])
-            fm = feature_matching_loss(f2_real, f2_fake)
+            fm = feature_matching_loss(f2_real, f2_fake, self.feature_matching)
             loss = loss + self.disc2d_weight * g2
             logs["g_adv2d"] = g2.detach()
             if self.disc3d is not None:
@@ -155,7 +162,7 @@ class VQGANLoss(nn.Module):
                 with torch.no_grad():
                     f3_real = self.disc3d(x)
                 g3 = hinge_g_loss(f3_fake[-1])
-                fm = fm + feature_matching_loss(f3_real, f3_fake)
+                fm = fm + feature_matching_loss(f3_real, f3_fake, self.feature_matching)
                 loss = loss + self.disc3d_weight * g3
                 logs["g_adv3d"] = g3.detach()
             loss = loss + self.feature_matching_weight * fm

@@ -34,7 +34,8 @@ __all__ = ["train_vqgan", "build_vqgan", "VQGAN_OUTPUTS"]
 log = get_logger(__name__)
 
 # What a VQ-GAN (re)training owns in the run folder; the latent cache and stats depend on its weights.
-VQGAN_OUTPUTS = ["vqgan", "checkpoints/vqgan", "tensorboard/vqgan", "logs/vqgan.jsonl", "latent_cache", "latent_stats.json"]
+VQGAN_OUTPUTS = ["vqgan", "checkpoints/vqgan", "tensorboard/vqgan", "logs/vqgan.jsonl", "latent_cache", "latent_stats.json",
+                 "vqgan_reconstruction.json"]
 
 
 def build_vqgan(cfg: TrainConfig):
@@ -45,7 +46,7 @@ def build_vqgan(cfg: TrainConfig):
     return VQGAN(spatial_dims=3, in_channels=1, out_channels=1, channels=tuple(m.channels), num_res_blocks=m.num_res_blocks,
                  downsample=tuple(m.downsample), embedding_dim=m.embedding_dim, num_embeddings=m.num_embeddings,
                  commitment_cost=m.commitment_cost, decay=m.decay, norm_num_groups=m.norm_num_groups,
-                 dead_code_threshold=m.dead_code_threshold)
+                 dead_code_threshold=m.dead_code_threshold, architecture=m.architecture)
 
 
 def open_training_data(data: str | Path, cfg: TrainConfig):
@@ -101,7 +102,7 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     crit = VQGANLoss(l1_weight=t.l1_weight, perceptual_weight=t.perceptual_weight, perceptual=PerceptualLoss.maybe(perceptual_weights),
                      disc2d_weight=t.disc2d_weight, disc3d_weight=t.disc3d_weight, feature_matching_weight=t.feature_matching_weight,
                      locality_weight=t.locality_weight, disc_start=t.disc_start, disc_channels=t.disc_channels,
-                     disc_layers=t.disc_layers).to(dev)
+                     disc_layers=t.disc_layers, disc_kernel=t.disc_kernel, feature_matching=t.feature_matching).to(dev)
     check_run_part(run, VQGAN_OUTPUTS, resume=resume, overwrite=overwrite)
     if overwrite and (run / "denoiser_ema").exists():
         log.warning("%s: the diffusion model was trained on the previous VQ-GAN's latents; retrain it "
@@ -194,4 +195,9 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     if end == t.steps and is_main_process():
         model.eval().save_pretrained(run / "vqgan", extra={"trained_steps": t.steps, "variant": cfg.variant})
         log.info("VQ-GAN saved to %s", run / "vqgan")
+        from lad.evaluation.reconstruction import write_reconstruction_report
+
+        rec = write_reconstruction_report(model, data, run / "vqgan_reconstruction.json", device=dev)
+        log.info("VQ-GAN on the %s windows: MAE %.1f HU in the body, %d codes used", rec["split"], rec["mae_body_hu"] or float("nan"),
+                 rec["codes_used"])
     return run / "vqgan"

@@ -1,9 +1,12 @@
 """Volumes for SSL-ALPNet: training slices with superpixels, labeled test scans.
 
+* ``original_scans``: the whole original CT volumes of a prepared split with their organ labels, re-read
+  through the prepare manifest (``lad.data.originals``) on the prepared grid: the test scans of the 1-shot
+  evaluation (paper section 4.3: whole held-out scans with liver, kidney, spleen and pancreas labels).
 * ``prepared_scans``: a prepared dataset's windows re-assembled into one volume per patient (windows
   overlap along z; ``meta["z_range"]`` places them); a patient whose windows leave a gap in z gives one
-  scan per contiguous run.
-* ``synthetic_scans``: the volumes of a ``lad sample`` folder (``lad.evaluation.evaluate.load_synthetic``).
+  scan per contiguous run. Training images; test scans only with ``--test-scans windows``.
+* ``synthetic_records`` / ``iter_synthetic_scans``: the volumes of a ``lad sample`` folder, read one at a time.
 * ``build_slice_pool``: every axial slice resized to the network's input size, with its superpixels.
 """
 
@@ -21,8 +24,8 @@ from lad.data.labels import ORGAN_LABELS, TUMOR_LABEL
 from lad.downstream.ssl.superpixels import volume_superpixels
 from lad.utils.log import get_logger, progress
 
-__all__ = ["Scan", "SlicePool", "TEST_ORGANS", "organ_binary", "prepared_scans", "iter_prepared_scans", "synthetic_scans", "resize_volume",
-           "build_slice_pool"]
+__all__ = ["Scan", "SlicePool", "TEST_ORGANS", "organ_binary", "original_scans", "prepared_scans", "iter_prepared_scans",
+           "synthetic_records", "iter_synthetic_scans", "synthetic_scans", "resize_volume", "build_slice_pool"]
 
 log = get_logger(__name__)
 
@@ -31,8 +34,8 @@ TEST_ORGANS = ("liver", "kidney", "spleen", "pancreas")
 
 @dataclasses.dataclass
 class Scan:
-    """One volume: ``image`` (D, H, W) float32 in [0, 1] (HU [-1000, 400]); ``organs`` (D, H, W) uint8 organ
-    label map (0 bg, 1 liver, 2 kidney, 3 spleen, 4 pancreas, 5 tumour) or None (unlabeled)."""
+    """One volume: ``image`` (D, H, W) float32 (float16 for original test scans) in [0, 1] (HU [-1000, 400]);
+    ``organs`` (D, H, W) uint8 organ label map (0 bg, 1 liver, 2 kidney, 3 spleen, 4 pancreas, 5 tumour) or None (unlabeled)."""
 
     id: str
     image: np.ndarray
@@ -84,16 +87,75 @@ def iter_prepared_scans(data: str | Path, split: str) -> Iterator[Scan]:
             yield Scan(id=pid if len(runs) == 1 else f"{pid}_part{r}", image=img, organs=org)
 
 
-def synthetic_scans(folder: str | Path) -> list[Scan]:
-    """The volumes of a ``lad sample`` output folder (unlabeled for SSL: their masks only label the organ of
-    interest and the tumour, so they are not used as organ labels)."""
-    from lad.evaluation.evaluate import load_synthetic
+def original_scans(data: str | Path, split: str, organs: Iterable[str] = TEST_ORGANS) -> Iterator[Scan]:
+    """The whole original CT volume of every patient of ``split`` (sorted by id) with its organ labels, on the
+    prepared grid (``lad.data.originals.read_original_case``), one at a time.
+
+    Only the slices between the first and the last slice holding any of ``organs`` are kept: the 1-shot
+    protocol scores slices inside each organ's z-range and takes its support slices there, so nothing it
+    reads is dropped, and 200 whole scans at 256 x 256 fit in memory (images float16). Raises
+    ``lad.data.originals.OriginalCaseError`` naming the file when an original case is not where the
+    manifest says."""
+    from lad.data.dataset import PreparedDataset
+    from lad.data.labels import hu_to_unit
+    from lad.data.originals import read_original_case
+
+    organs = list(organs)
+    ds = PreparedDataset(data, split=split)
+    for pid in sorted({w["patient"] for w in ds.windows}):
+        case = read_original_case(data, pid)
+        has = np.zeros(len(case.organs), bool)
+        for o in organs:
+            has |= organ_binary(case.organs, o).reshape(len(has), -1).any(axis=1)
+        z = np.flatnonzero(has)
+        z0, z1 = (int(z[0]), int(z[-1]) + 1) if len(z) else (0, len(has))
+        yield Scan(id=pid, image=hu_to_unit(case.hu[z0:z1]).astype(np.float16), organs=np.ascontiguousarray(case.organs[z0:z1]))
+
+
+def synthetic_records(folder: str | Path) -> list[tuple[str, Path]]:
+    """``(sample id, CT file)`` of every finished sample of a ``lad sample`` folder, in manifest order."""
+    import json
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: synthetic sample folder does not exist")
-    vols, _ = load_synthetic(folder)
-    return [Scan(id=f"synthetic_{i:06d}", image=v[0].astype(np.float32)) for i, v in enumerate(vols)]
+    manifest = folder / "manifest.jsonl"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{folder}: not a lad sample folder (no manifest.jsonl)")
+    out = []
+    for n, line in enumerate(manifest.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            ct = folder / rec["files"]["ct"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{manifest}: line {n + 1} is not a sample record ({e})") from None
+        if not ct.exists():
+            raise FileNotFoundError(f"{ct}: listed in {manifest} but missing")
+        out.append((str(rec.get("id", f"synthetic_{n:06d}")), ct))
+    if not out:
+        raise ValueError(f"{folder}: the samples folder holds no finished samples")
+    return out
+
+
+def iter_synthetic_scans(records: Iterable[tuple[str, Path]]) -> Iterator[Scan]:
+    """Unlabeled scans of synthetic samples (``synthetic_records`` entries), read one at a time (int16 HU,
+    NIfTI or .npy, canonical orientation). Their conditioning masks only label the organ of interest and the
+    tumour, so they are never used as organ labels."""
+    import SimpleITK as sitk
+
+    from lad.data.io import canonicalize, read_image
+    from lad.data.labels import hu_to_unit
+
+    for sid, ct in records:
+        hu = np.load(ct) if ct.suffix == ".npy" else sitk.GetArrayFromImage(canonicalize(read_image(ct)))
+        yield Scan(id=sid, image=hu_to_unit(hu))
+
+
+def synthetic_scans(folder: str | Path) -> list[Scan]:
+    """Every volume of a ``lad sample`` output folder (unlabeled), in manifest order."""
+    return list(iter_synthetic_scans(synthetic_records(folder)))
 
 
 def resize_volume(vol: np.ndarray, size: int, *, labels: bool = False) -> np.ndarray:
@@ -111,18 +173,27 @@ def resize_volume(vol: np.ndarray, size: int, *, labels: bool = False) -> np.nda
 @dataclasses.dataclass
 class SlicePool:
     """Training slices: ``images`` (N, S, S) float16/32 in [0, 1], ``superpixels`` (N, S, S) uint16/int32 (0 = outside
-    the body), ``counts`` (N,) number of superpixels per slice, ``sources`` (N,) ``"real"``/``"synthetic"``."""
+    the body), ``counts`` (N,) number of superpixels per slice, ``sources`` (N,) ``"real"``/``"synthetic"``,
+    ``scans`` (N,) the position of each slice's volume in the scans the pool was built from (None: unknown)."""
 
     images: np.ndarray
     superpixels: np.ndarray
     counts: np.ndarray
     sources: np.ndarray
+    scans: np.ndarray | None = None
 
     def indices(self, source: str) -> np.ndarray:
         return np.flatnonzero((self.sources == source) & (self.counts > 0))
 
     def subset(self, keep: np.ndarray) -> "SlicePool":
-        return SlicePool(self.images[keep], self.superpixels[keep], self.counts[keep], self.sources[keep])
+        return SlicePool(self.images[keep], self.superpixels[keep], self.counts[keep], self.sources[keep],
+                         None if self.scans is None else self.scans[keep])
+
+    def first_scans(self, n: int) -> "SlicePool":
+        """The slices of the first ``n`` scans the pool was built from (a set of ``n`` volumes)."""
+        if self.scans is None:
+            raise ValueError("this pool does not record which scan each slice comes from")
+        return self.subset(self.scans < n)
 
 
 def build_slice_pool(scans: Iterable[Scan], source: str, *, size: int, min_size: int, sigma: float, scale: float = 1.0,
@@ -130,8 +201,8 @@ def build_slice_pool(scans: Iterable[Scan], source: str, *, size: int, min_size:
     """Slices of ``scans`` at ``size`` x ``size`` with their superpixels; slices with less than
     ``min_body_fraction`` body are dropped. Returns the pool and the organ labels of its slices
     ((N, S, S) uint8, nearest-resized; None when the scans are unlabeled), used by setting 2."""
-    images, sps, counts, organs = [], [], [], []
-    for scan in progress(scans, desc=f"superpixels ({source})", unit="scan"):
+    images, sps, counts, organs, scan_of = [], [], [], [], []
+    for k, scan in enumerate(progress(scans, desc=f"superpixels ({source})", unit="scan")):
         img = resize_volume(scan.image, size)
         lab, body = volume_superpixels(img, min_size=min_size, sigma=sigma, scale=scale, threshold_hu=threshold_hu)
         keep = body.mean(axis=(1, 2)) >= min_body_fraction
@@ -140,13 +211,15 @@ def build_slice_pool(scans: Iterable[Scan], source: str, *, size: int, min_size:
         images.append(img[keep].astype(np.float16))
         sps.append(lab[keep].astype(np.uint16) if lab.max(initial=0) < 65536 else lab[keep])
         counts.append(lab[keep].reshape(int(keep.sum()), -1).max(axis=1, initial=0))
+        scan_of.append(np.full(int(keep.sum()), k, np.int32))
         if scan.organs is not None:
             organs.append(resize_volume(scan.organs, size, labels=True)[keep])
     if not images:
         empty = np.zeros((0, size, size))
-        return SlicePool(empty.astype(np.float32), empty.astype(np.int32), np.zeros(0, int), np.zeros(0, "<U9")), None
+        return SlicePool(empty.astype(np.float32), empty.astype(np.int32), np.zeros(0, int), np.zeros(0, "<U9"),
+                         np.zeros(0, np.int32)), None
     pool = SlicePool(np.concatenate(images), np.concatenate(sps), np.concatenate(counts),
-                     np.full(sum(len(i) for i in images), source, dtype="<U9"))
+                     np.full(sum(len(i) for i in images), source, dtype="<U9"), np.concatenate(scan_of))
     labels = np.concatenate(organs) if len(organs) == len(images) else None
     log.info("%s: %d slices with %.1f superpixels each on average", source, len(pool.counts), float(pool.counts.mean()) if len(pool.counts) else 0.0)
     return pool, labels

@@ -3,11 +3,17 @@
 OUT layout::
 
     config.yaml            the resolved preset (after --set)
-    settings.json          data, synthetic folder, --train, --synthetic-fraction, --setting, --runs, preset, backbone
+    settings.json          data, synthetic folder, --train, the synthetic set composition (volumes, ratio, mode,
+                           episode fraction and the resulting synthetic share of episodes), test scans, --setting,
+                           --runs, preset, backbone
     run_000/               one seed: checkpoints/, tb/, train_log.jsonl, model/, dice.json (written last)
         <organ>/           setting 2 only: one model per test organ (its slices excluded from training)
     results.json           Dice per organ per run, mean and std per organ, mean over organs, preset, backbone
     dice.png               Figure-6-style bar chart (mean +- std over runs)
+
+A sweep over synthetic set sizes (``--synthetic-volumes 0,8,16``) puts each size's ``run_XXX``, ``results.json``
+and ``dice.png`` in ``synthetic_NNNNN/`` and writes ``results.json`` (``sweep``: Dice per size), ``sweep.csv``,
+``sweep.md`` and ``sweep.png`` at the top.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from lad.config import apply_overrides, load_preset, save_config, to_dict
-from lad.downstream.ssl.data import (TEST_ORGANS, Scan, SlicePool, build_slice_pool, iter_prepared_scans, organ_binary, prepared_scans,
-                                    synthetic_scans)
+from lad.downstream.ssl.data import (TEST_ORGANS, Scan, SlicePool, build_slice_pool, iter_prepared_scans, organ_binary,
+                                    prepared_scans)
 from lad.downstream.ssl.train import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from lad.utils.atomic import atomic_path, write_json
 from lad.utils.log import get_logger
@@ -52,13 +58,28 @@ def load_ssl_config(preset: str = "demo", overrides: list[str] | None = None) ->
     return cfg
 
 
-def _check_args(train: str, synthetic, synthetic_fraction: float, setting: int, runs: int) -> None:
+TEST_SCANS = ("original", "windows")
+
+
+def _check_args(train: str, synthetic, volumes: list[int] | None, ratio: float | None, episode_fraction: float | None,
+                setting: int, runs: int, test_scans: str) -> None:
     if train not in ("real", "synthetic", "real+synthetic"):
         raise ValueError(f"--train must be real, synthetic or real+synthetic, got {train!r}")
     if train != "real" and synthetic is None:
         raise ValueError(f"--train {train} needs --synthetic SAMPLES_DIR (a `lad sample` output folder)")
-    if train == "real+synthetic" and not 0.0 < synthetic_fraction < 1.0:
-        raise ValueError(f"--synthetic-fraction must be in (0, 1) for real+synthetic, got {synthetic_fraction}")
+    if train == "real" and (volumes or ratio is not None or episode_fraction is not None):
+        raise ValueError("--synthetic-volumes / --synthetic-ratio / --synthetic-episode-fraction need --train "
+                         "real+synthetic (or --train synthetic for --synthetic-volumes)")
+    if volumes is not None and ratio is not None:
+        raise ValueError("give the synthetic set size either as --synthetic-volumes N or as --synthetic-ratio R, not both")
+    if ratio is not None and (train != "real+synthetic" or ratio <= 0):
+        raise ValueError(f"--synthetic-ratio is the synthetic set size over the real one (> 0, for --train real+synthetic), "
+                         f"got {ratio} with --train {train}")
+    if episode_fraction is not None and (train != "real+synthetic" or not 0.0 < episode_fraction < 1.0):
+        raise ValueError(f"--synthetic-episode-fraction must be in (0, 1) with --train real+synthetic, got {episode_fraction} "
+                         f"with --train {train}")
+    if train == "synthetic" and volumes is not None and 0 in volumes:
+        raise ValueError("--train synthetic with --synthetic-volumes 0 has nothing to train on")
     if setting not in (1, 2):
         raise ValueError(f"--setting must be 1 or 2, got {setting}")
     if setting == 2 and train != "real":
@@ -67,6 +88,8 @@ def _check_args(train: str, synthetic, synthetic_fraction: float, setting: int, 
                          "tumour), so setting 2 is available with --train real only")
     if runs < 1:
         raise ValueError(f"--runs must be >= 1, got {runs}")
+    if test_scans not in TEST_SCANS:
+        raise ValueError(f"--test-scans must be one of {list(TEST_SCANS)}, got {test_scans!r}")
 
 
 def _split_support(scans: list[Scan], organ: str, notes: list[str]) -> tuple[Scan, list[Scan]]:
@@ -110,7 +133,8 @@ def plot_dice(results: dict, path: Path) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("Dice (1-shot)")
     n = len(results["runs"])
-    ax.set_title(f"SSL-ALPNet, train={results['train']}, setting {results['setting']}\n"
+    syn = f" ({results['synthetic_volumes']} synthetic volumes)" if results.get("synthetic_volumes") else ""
+    ax.set_title(f"SSL-ALPNet, train={results['train']}{syn}, setting {results['setting']}\n"
                  f"preset {results['preset']}, {n} run(s), backbone: {results['backbone']}", fontsize=9)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -132,10 +156,12 @@ def plot_comparison(outs: list[str | Path], path: str | Path, labels: list[str] 
         if not f.exists():
             raise FileNotFoundError(f"{f}: no results (run `lad downstream ssl` into {o} first)")
         r = json.loads(f.read_text())
+        if "sweep" in r:
+            raise ValueError(f"{o} holds a synthetic set-size sweep; compare its synthetic_NNNNN/ folders instead")
         res[labels[i] if labels else f"{r['train']} ({Path(o).name})"] = r
     first = next(iter(res.values()))
-    for k in ("preset", "setting", "organs", "backbone_pretrained"):
-        bad = [n for n, r in res.items() if r[k] != first[k]]
+    for k in ("preset", "setting", "organs", "backbone_pretrained", "test_scans"):
+        bad = [n for n, r in res.items() if r.get(k) != first.get(k)]
         if bad:
             raise ValueError(f"results differ in {k} ({bad} vs {first[k]!r}): not comparable in one chart")
     names = list(first["organs"]) + ["mean"]
@@ -156,22 +182,64 @@ def plot_comparison(outs: list[str | Path], path: str | Path, labels: list[str] 
     return res
 
 
-def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, train: str = "real",
-            synthetic: str | Path | None = None, synthetic_fraction: float = 0.2, setting: int = 1, runs: int = 5,
-            preset: str = "custom", backbone_weights: str | Path | None = None, resume: bool = False,
-            overwrite: bool = False, device: str = "cpu") -> dict:
-    """Train SSL-ALPNet ``runs`` times (seeds ``cfg.seed + r``) on ``train`` data and evaluate 1-shot Dice on the
-    labeled test split of ``data``; writes ``OUT/results.json`` and ``OUT/dice.png`` and returns the results."""
-    import torch
+def _synthetic_sizes(train: str, volumes: list[int] | None, ratio: float | None, episode_fraction: float | None,
+                     n_real_windows: int, available: int) -> tuple[list[int], float | None]:
+    """The synthetic set sizes to train with and the ratio they came from (None when given as counts or "all")."""
+    if train == "real":
+        return [0], None
+    if volumes is not None:
+        sizes = volumes
+    elif train == "real+synthetic" and (ratio is not None or episode_fraction is None):
+        # paper section 4.3.2: synthetic volumes "approximately 20 % the size of the training set"
+        ratio = 0.2 if ratio is None else ratio
+        sizes = [max(1, int(round(ratio * n_real_windows)))]
+    else:
+        sizes = [available]
+    if sizes[-1] > available:
+        raise ValueError(f"{sizes[-1]} synthetic volumes asked"
+                         + (f" ({ratio} x {n_real_windows} real training windows)" if ratio is not None and volumes is None else "")
+                         + f", but the synthetic folder holds {available}; sample more or ask for fewer (--synthetic-volumes)")
+    return sizes, (ratio if volumes is None else None)
 
-    from lad.downstream.ssl.alpnet import ALPNet
-    from lad.downstream.ssl.protocol import alpnet_predictor, evaluate_organ
-    from lad.downstream.ssl.train import train_alpnet
-    from lad.training.common import resolve_device
+
+def _episode_share(pools: dict[str, SlicePool], episode_fraction: float | None) -> float:
+    """Probability that an episode comes from a synthetic slice: ``episode_fraction`` when given, else the synthetic
+    share of the training slices (every slice of the composed set equally likely)."""
+    if "synthetic" not in pools or len(pools["synthetic"].indices("synthetic")) == 0:
+        return 0.0
+    if "real" not in pools:
+        return 1.0
+    if episode_fraction is not None:
+        return float(episode_fraction)
+    n_syn, n_real = len(pools["synthetic"].indices("synthetic")), len(pools["real"].indices("real"))
+    return n_syn / (n_syn + n_real)
+
+
+def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, train: str = "real",
+            synthetic: str | Path | None = None, synthetic_volumes: int | str | list[int] | None = None,
+            synthetic_ratio: float | None = None, synthetic_episode_fraction: float | None = None,
+            test_scans: str = "original", setting: int = 1, runs: int = 5, preset: str = "custom",
+            backbone_weights: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+            device: str = "cpu") -> dict:
+    """Train SSL-ALPNet ``runs`` times (seeds ``cfg.seed + r``) on ``train`` data and evaluate 1-shot Dice on the
+    labeled test scans of ``data``; writes ``OUT/results.json`` and ``OUT/dice.png`` and returns the results.
+
+    The synthetic share is a set composition (paper section 4.3.2): the training set is the real training
+    windows plus N synthetic volumes (``synthetic_volumes``, or ``synthetic_ratio`` x the number of real
+    training windows, default 0.2) and every slice of it is equally likely in an episode.
+    ``synthetic_episode_fraction`` instead draws each episode from the synthetic volumes with that
+    probability. A list of sizes (``"0,8,16"``) trains each (``OUT/synthetic_NNNNN/``) and writes the sweep
+    (``sweep.csv``, ``sweep.md``, ``sweep.png``; ``results.json`` ``sweep``). ``test_scans``: ``original`` (the
+    whole original CT of every test patient, read through the prepare manifest; a missing file is an error
+    naming it) or ``windows`` (the test patients' prepared windows put back together)."""
+    from lad.data.dataset import PreparedDataset
+    from lad.downstream.ssl.data import iter_synthetic_scans, original_scans, synthetic_records
+    from lad.downstream.sweep import parse_volumes
     from lad.utils.atomic import prepare_output_dir
 
     t0 = time.perf_counter()
-    _check_args(train, synthetic, synthetic_fraction, setting, runs)
+    volumes = parse_volumes(synthetic_volumes)
+    _check_args(train, synthetic, volumes, synthetic_ratio, synthetic_episode_fraction, setting, runs, test_scans)
     if resume and overwrite:
         raise ValueError("pass either --resume or --overwrite, not both")
     data = Path(data)
@@ -181,37 +249,61 @@ def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, trai
         raise FileNotFoundError(f"{synthetic}: synthetic sample folder does not exist")
     if backbone_weights is not None and not Path(backbone_weights).is_file():
         raise FileNotFoundError(f"{backbone_weights}: backbone weights file does not exist")
-    dev = resolve_device(device)
     organs = list(cfg.eval.organs)
     backbone = f"pretrained: {Path(backbone_weights).resolve()}" if backbone_weights else RANDOM_INIT
-    settings = {"data": str(data.resolve()), "synthetic": str(Path(synthetic).resolve()) if synthetic else None, "train": train,
-                "synthetic_fraction": synthetic_fraction if train == "real+synthetic" else (1.0 if train == "synthetic" else 0.0),
-                "setting": setting, "runs": runs, "preset": preset, "backbone": backbone, "organs": organs}
 
     # read and check every input before creating anything
     notes: list[str] = []
-    test = prepared_scans(data, "test")
+    if test_scans == "original":
+        test = list(original_scans(data, "test", organs))
+    else:
+        test = prepared_scans(data, "test")
+        notes.append("test scans: the test patients' prepared windows put back together (--test-scans windows), not their "
+                     "whole CT volumes; organs outside the windows are missing")
+        log.warning("test scans are the prepared windows (--test-scans windows): most of each organ outside the pancreas "
+                    "windows is missing from the evaluation")
     if not test:
         raise ValueError(f"{data}: the test split has no windows; the 1-shot evaluation needs labeled test scans "
                          "(prepare with a train/test split, e.g. split: 0.8)")
     supports = {o: _split_support(test, o, notes) for o in organs}
-    pools: dict[str, SlicePool] = {}
-    real_labels = None
     sp = dict(size=cfg.data.image_size, min_size=cfg.data.superpixel_min_size, sigma=cfg.data.superpixel_sigma,
               scale=cfg.data.superpixel_scale, threshold_hu=cfg.data.body_threshold_hu, min_body_fraction=cfg.data.min_body_fraction)
+    real_pool, real_labels, n_real_windows = None, None, 0
     if train in ("real", "real+synthetic"):
-        pools["real"], real_labels = build_slice_pool(iter_prepared_scans(data, "train"), "real", **sp)
-        if len(pools["real"].counts) == 0:
+        n_real_windows = len(PreparedDataset(data, split="train", organ_labels=False))
+        real_pool, real_labels = build_slice_pool(iter_prepared_scans(data, "train"), "real", **sp)
+        if len(real_pool.counts) == 0:
             raise ValueError(f"{data}: the train split has no windows (or no slice with a body above {cfg.data.body_threshold_hu} HU)")
-    if train in ("synthetic", "real+synthetic"):
-        pools["synthetic"], _ = build_slice_pool(synthetic_scans(synthetic), "synthetic", **sp)
+    records = synthetic_records(synthetic) if train != "real" else []
+    sizes, ratio = _synthetic_sizes(train, volumes, synthetic_ratio, synthetic_episode_fraction, n_real_windows, len(records))
+    # one seeded order of the folder's volumes; a set of N volumes is its first N (sets of a sweep are nested)
+    order = [records[i] for i in np.random.default_rng([int(cfg.seed), 43]).permutation(len(records))]
+    syn_pool = None
+    if sizes[-1] > 0:
+        syn_pool, _ = build_slice_pool(iter_synthetic_scans(order[: sizes[-1]]), "synthetic", **sp)
+    plans = []
+    for n in sizes:
+        pools = {} if real_pool is None else {"real": real_pool}
+        if n > 0:
+            pools["synthetic"] = syn_pool.first_scans(n)
+        plans.append({"synthetic_volumes": n, "synthetic_ids": [sid for sid, _ in order[:n]], "pools": pools,
+                      "episode_synthetic_share": _episode_share(pools, synthetic_episode_fraction),
+                      "n_real_slices": 0 if real_pool is None else len(real_pool.indices("real")),
+                      "n_synthetic_slices": len(pools["synthetic"].indices("synthetic")) if n > 0 else 0})
+    mode = None if train == "real" else ("episode" if synthetic_episode_fraction is not None else "set")
+    settings = {"data": str(data.resolve()), "synthetic": str(Path(synthetic).resolve()) if synthetic else None, "train": train,
+                "synthetic_mode": mode, "synthetic_volumes": sizes if train != "real" else [],
+                "synthetic_ratio": ratio, "synthetic_episode_fraction": synthetic_episode_fraction,
+                "episode_synthetic_share": {str(p["synthetic_volumes"]): p["episode_synthetic_share"] for p in plans},
+                "n_real_windows": n_real_windows, "test_scans": test_scans, "setting": setting, "runs": runs,
+                "preset": preset, "backbone": backbone, "organs": organs}
     out = prepare_output_dir(out, overwrite=overwrite, resume=resume)
     sfile = out / "settings.json"
     if resume and sfile.exists():
         import yaml
 
         old = json.loads(sfile.read_text())
-        diff = sorted(k for k in settings if k != "runs" and old.get(k) != settings[k])
+        diff = sorted(k for k in settings if k != "runs" and old.get(k) != json.loads(json.dumps(settings[k])))
         cfile = out / "config.yaml"
         if cfile.exists() and yaml.safe_load(cfile.read_text()) != yaml.safe_load(yaml.safe_dump(to_dict(cfg))):
             diff.append("config (--preset / --set)")
@@ -221,8 +313,59 @@ def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, trai
     save_config(cfg, out / "config.yaml")
     write_json(sfile, settings)
     log.info("SSL-ALPNet: train=%s setting=%d runs=%d preset=%s backbone: %s", train, setting, runs, preset, backbone)
-    fraction = settings["synthetic_fraction"]
 
+    sweep = len(sizes) > 1
+    common = dict(cfg=cfg, organs=organs, setting=setting, runs=runs, supports=supports, real_labels=real_labels,
+                  backbone_weights=backbone_weights, resume=resume, device=device)
+    per_size = []
+    for plan in plans:
+        sub = out / f"synthetic_{plan['synthetic_volumes']:05d}" if sweep else out
+        run_results = _train_and_evaluate(sub, plan["pools"], plan["episode_synthetic_share"], **common)
+        res = _summarise(run_results, organs)
+        res.update({"method": "SSL-ALPNet (Ouyang et al. 2022), 1-shot", "preset": preset, "backbone": backbone,
+                    "backbone_pretrained": backbone_weights is not None, "train": train, "synthetic_mode": mode,
+                    "synthetic_volumes": plan["synthetic_volumes"], "synthetic_ratio": ratio,
+                    "synthetic_episode_fraction": synthetic_episode_fraction,
+                    "episode_synthetic_share": plan["episode_synthetic_share"], "n_real_windows": n_real_windows,
+                    "n_real_slices": plan["n_real_slices"], "n_synthetic_slices": plan["n_synthetic_slices"],
+                    "synthetic_ids": plan["synthetic_ids"], "setting": setting, "test_scans": test_scans,
+                    "iterations": cfg.train.iterations, "image_size": cfg.data.image_size, "architecture": cfg.model.backbone,
+                    "evaluation": {"support": {o: {"scan": supports[o][0].id, "queries": [q.id for q in supports[o][1]]}
+                                               for o in organs},
+                                   "test_scans": test_scans, "n_part": cfg.eval.n_part, "pooling_window_test": cfg.model.test_window},
+                    "notes": notes, "data": settings["data"], "synthetic": settings["synthetic"]})
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        write_json(sub / "results.json", res)
+        plot_dice(res, sub / "dice.png")
+        log.info("SSL-ALPNet (%s, %d synthetic volumes, backbone: %s): mean Dice over organs %.3f +- %.3f", preset,
+                 plan["synthetic_volumes"], backbone, res["mean_over_organs"]["mean"], res["mean_over_organs"]["std"])
+        per_size.append(res)
+    if not sweep:
+        return per_size[0]
+    results = {k: v for k, v in per_size[0].items() if k not in ("runs", "dice_mean", "dice_std", "mean_over_organs",
+                                                               "synthetic_volumes", "synthetic_ids", "episode_synthetic_share",
+                                                               "n_synthetic_slices")}
+    results["synthetic_volumes"] = sizes
+    results["sweep"] = [{k: r[k] for k in ("synthetic_volumes", "episode_synthetic_share", "n_real_slices", "n_synthetic_slices",
+                                           "dice_mean", "dice_std", "mean_over_organs", "runs")}
+                        | {"folder": f"synthetic_{r['synthetic_volumes']:05d}"} for r in per_size]
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "results.json", results)
+    _write_sweep(results, out)
+    return results
+
+
+def _train_and_evaluate(out: Path, pools: dict[str, SlicePool], fraction: float, *, cfg: SSLExperimentConfig, organs: list[str],
+                        setting: int, runs: int, supports: dict, real_labels, backbone_weights, resume: bool, device: str) -> list[dict]:
+    """``runs`` seeds of one training set into ``out/run_XXX`` (finished runs, ``dice.json``, are read back)."""
+    import torch
+
+    from lad.downstream.ssl.alpnet import ALPNet
+    from lad.downstream.ssl.protocol import alpnet_predictor, evaluate_organ
+    from lad.downstream.ssl.train import train_alpnet
+    from lad.training.common import resolve_device
+
+    dev = resolve_device(device)
     run_results = []
     for r in range(runs):
         seed = cfg.seed + r
@@ -230,7 +373,7 @@ def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, trai
         done = rdir / "dice.json"
         if done.exists():
             run_results.append(json.loads(done.read_text()))
-            log.info("run %d already finished (%s)", r, done)
+            log.info("%s already finished", rdir)
             continue
         groups = [(None, organs)] if setting == 1 else [(o, [o]) for o in organs]
         dice, detail = {}, {}
@@ -253,28 +396,42 @@ def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, trai
         write_json(done, rec)
         log.info("run %d: %s", r, ", ".join(f"{o} {dice[o]:.3f}" for o in organs))
         run_results.append(rec)
+    return run_results
 
+
+def _summarise(run_results: list[dict], organs: list[str]) -> dict:
     table = np.array([[rr["dice"][o] for o in organs] for rr in run_results])
     ddof = 1 if len(run_results) > 1 else 0
     means = table.mean(axis=1)
-    results = {
-        "method": "SSL-ALPNet (Ouyang et al. 2022), 1-shot",
-        "preset": preset, "backbone": backbone, "backbone_pretrained": backbone_weights is not None,
-        "train": train, "synthetic_fraction": fraction, "setting": setting,
-        "iterations": cfg.train.iterations, "image_size": cfg.data.image_size, "architecture": cfg.model.backbone,
-        "organs": organs,
-        "runs": [{"run": rr["run"], "seed": rr["seed"], "dice": rr["dice"], "mean": rr["mean"]} for rr in run_results],
-        "dice_mean": {o: float(table[:, i].mean()) for i, o in enumerate(organs)},
-        "dice_std": {o: float(table[:, i].std(ddof=ddof)) for i, o in enumerate(organs)},
-        "mean_over_organs": {"mean": float(means.mean()), "std": float(means.std(ddof=ddof))},
-        "std": "sample standard deviation over runs (ddof=1); 0 for a single run",
-        "evaluation": {"support": {o: {"scan": supports[o][0].id, "queries": [q.id for q in supports[o][1]]} for o in organs},
-                       "n_part": cfg.eval.n_part, "pooling_window_test": cfg.model.test_window},
-        "notes": notes, "data": settings["data"], "synthetic": settings["synthetic"],
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    write_json(out / "results.json", results)
-    plot_dice(results, out / "dice.png")
-    log.info("SSL-ALPNet (%s, backbone: %s): mean Dice over organs %.3f +- %.3f; results in %s", preset, backbone,
-             results["mean_over_organs"]["mean"], results["mean_over_organs"]["std"], out / "results.json")
-    return results
+    return {"organs": organs,
+            "runs": [{"run": rr["run"], "seed": rr["seed"], "dice": rr["dice"], "mean": rr["mean"]} for rr in run_results],
+            "dice_mean": {o: float(table[:, i].mean()) for i, o in enumerate(organs)},
+            "dice_std": {o: float(table[:, i].std(ddof=ddof)) for i, o in enumerate(organs)},
+            "mean_over_organs": {"mean": float(means.mean()), "std": float(means.std(ddof=ddof))},
+            "std": "sample standard deviation over runs (ddof=1); 0 for a single run"}
+
+
+def _write_sweep(results: dict, out: Path) -> None:
+    """``sweep.csv`` / ``sweep.md`` (Dice mean and std per organ and over organs, per synthetic set size) and ``sweep.png``."""
+    from lad.downstream.sweep import plot_sweep, write_table
+
+    organs = results["organs"]
+    rows = []
+    for s in results["sweep"]:
+        row = {"synthetic_volumes": s["synthetic_volumes"], "episode_synthetic_share": s["episode_synthetic_share"],
+               "runs": len(s["runs"])}
+        for o in organs:
+            row[f"{o}_mean"], row[f"{o}_std"] = s["dice_mean"][o], s["dice_std"][o]
+        row["mean"], row["mean_std"] = s["mean_over_organs"]["mean"], s["mean_over_organs"]["std"]
+        rows.append(row)
+    cols = ["synthetic_volumes", "episode_synthetic_share", "runs"] + [f"{o}_{k}" for o in organs for k in ("mean", "std")] + \
+        ["mean", "mean_std"]
+    title = (f"SSL-ALPNet 1-shot Dice by synthetic set size (train={results['train']}, setting {results['setting']}, "
+             f"preset {results['preset']}, backbone: {results['backbone']}, {results['n_real_windows']} real training windows)")
+    write_table(rows, cols, out / "sweep.csv", out / "sweep.md", title=title)
+    xs = [s["synthetic_volumes"] for s in results["sweep"]]
+    series = {o: (xs, [s["dice_mean"][o] for s in results["sweep"]], [s["dice_std"][o] for s in results["sweep"]]) for o in organs}
+    series["mean"] = (xs, [s["mean_over_organs"]["mean"] for s in results["sweep"]],
+                      [s["mean_over_organs"]["std"] for s in results["sweep"]])
+    plot_sweep(series, out / "sweep.png", title=f"SSL-ALPNet, train={results['train']}, preset {results['preset']}, "
+               f"{len(results['sweep'][0]['runs'])} run(s)\nbackbone: {results['backbone']}", ylabel="Dice (1-shot)")

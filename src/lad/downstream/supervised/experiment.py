@@ -3,8 +3,12 @@
 For each size n in ``real_sizes`` (the first n training patients of a seeded order, so subsets are
 nested) two MONAI networks are trained with the same initialisation, steps and schedule: one on the
 real windows of those patients, one on the same windows plus ``k`` synthetic volumes per real window
-(their conditioning masks as labels). Each is evaluated on the stitched test patients with
-sliding-window inference (overlap 0.5) and the metrics of ``lad.downstream.supervised.metrics``.
+(``synthetic_multiple``, the supplement's 3x; their conditioning masks as labels). With
+``synthetic_volumes`` (a list such as 0, 8, 16) one network per number of synthetic volumes is trained
+instead (a set-size sweep). Each is evaluated on the stitched test patients with sliding-window
+inference (overlap 0.5) and the metrics of ``lad.downstream.supervised.metrics``, and, with
+``ood_test``, on the patients of another prepared dataset (out-of-distribution, reported separately as
+in the supplement's Table 5).
 
 Output folder::
 
@@ -16,7 +20,8 @@ Output folder::
         model/                     the trained Segmenter (config.json + model.safetensors)
         metrics.json               written last: per-patient and aggregated test metrics (finished)
     results.json                   every size x arm with the preset name, N and the metric definitions
-    scaling.png                    the scaling curves, one panel per metric
+    scaling.png                    the scaling curves, one panel per metric (scaling_ood.png: out of distribution)
+    sweep.csv sweep.md sweep.png   every size x arm as a table, and DSC against the number of synthetic volumes
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class SupervisedConfig:
     nsd_tolerance_mm: dict = dataclasses.field(default_factory=lambda: {"organ": 2.0, "tumor": 2.0})
     early_tumor_diameter_mm: float = 20.0
     min_detect_voxels: int = 1
+    synthetic_multiple: float = 3.0
     checkpoint_every: int = 5000
     keep_last: int = 2
     log_every: int = 50
@@ -84,6 +90,8 @@ class SupervisedConfig:
             raise ValueError(f"nsd_tolerance_mm needs tolerances (mm) for organ and tumor, missing {sorted(missing)}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if not self.synthetic_multiple > 0:
+            raise ValueError(f"synthetic_multiple (synthetic volumes per real window) must be > 0, got {self.synthetic_multiple}")
 
 
 def load_supervised_config(preset: str, overrides: list[str] | None = None) -> SupervisedConfig:
@@ -233,20 +241,61 @@ def _check_settings(out: Path, settings: dict, resume: bool) -> None:
     f = out / "experiment.json"
     if resume and f.exists():
         old = json.loads(f.read_text())
-        keys = ("data", "synthetic", "synthetic_multiple", "config")
+        keys = ("data", "synthetic", "synthetic_multiple", "synthetic_volumes", "ood_test", "config")
         diff = [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(settings.get(k), sort_keys=True)]
         if diff:
             raise ValueError(f"{f}: --resume with different settings ({', '.join(diff)}); resume with the original "
-                             "--data/--synthetic/--synthetic-multiple/--preset/--set or use a new --out")
+                             "--data/--synthetic/--synthetic-multiple/--synthetic-volumes/--ood-test/--preset/--set or use a new --out")
+
+
+def _load_ood(ood_test, data: Path, train, spacing) -> tuple[Path, list]:
+    """The out-of-distribution test set: every patient of another prepared dataset, stitched; it must be on the
+    training grid's spacing with the same organ of interest (the model segments at the training resolution)."""
+    from lad.data.dataset import PreparedDataset
+    from lad.downstream.supervised.data import axis_spacing, stitch_test_patients
+    from lad.training.common import validate_dataset
+
+    ood = Path(ood_test).resolve()
+    if ood == data:
+        raise ValueError(f"--ood-test {ood} is the training dataset itself; give another prepared dataset "
+                         "(e.g. TotalSegmentator prepared with the same spacing when training on AbdomenCT-1K)")
+    ds = PreparedDataset(ood, split=None, organ_labels=False)
+    if len(ds) == 0:
+        raise ValueError(f"--ood-test {ood}: the prepared dataset has no windows")
+    validate_dataset(ds)
+    sp = axis_spacing(ds.windows[0]["affine"])
+    if not np.allclose(sp, spacing, rtol=1e-3, atol=1e-3):
+        raise ValueError(f"--ood-test {ood}: windows at {tuple(round(v, 4) for v in sp)} mm (D, H, W), but the training data "
+                         f"at {tuple(round(float(v), 4) for v in spacing)} mm; prepare it with the training data's spacing "
+                         "(`lad prepare --spacing ...`)")
+    organ, train_organ = ds.config.get("organ", "pancreas"), train.config.get("organ", "pancreas")
+    if organ != train_organ:
+        raise ValueError(f"--ood-test {ood}: organ of interest {organ!r}, the training data's is {train_organ!r}")
+    return ood, stitch_test_patients(ds)
+
+
+def _arms(synthetic, volumes: list[int] | None) -> list[tuple[str, int | None]]:
+    """``(arm name, synthetic volumes)``: None = ``synthetic_multiple`` x the real windows."""
+    if synthetic is None:
+        return [("real", 0)]
+    if volumes is None:
+        return [("real", 0), ("real+synthetic", None)]
+    return [("real" if v == 0 else f"real+{v}synthetic", v) for v in volumes]
 
 
 def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, synthetic: str | Path | None = None,
-                   synthetic_multiple: int = 3, real_sizes: Sequence[int] | str = (2, 4, 8), preset: str = "custom",
+                   synthetic_multiple: float | None = None, synthetic_volumes: str | Sequence[int] | None = None,
+                   real_sizes: Sequence[int] | str = (2, 4, 8), ood_test: str | Path | None = None, preset: str = "custom",
                    device: str = "cpu", resume: bool = False, overwrite: bool = False) -> dict:
-    """Run the experiment into ``out`` (see the module docstring); returns the ``results.json`` content."""
+    """Run the experiment into ``out`` (see the module docstring); returns the ``results.json`` content.
+
+    ``synthetic_multiple``: synthetic volumes per real training window (default: ``cfg.synthetic_multiple``, 3);
+    ``synthetic_volumes``: numbers of synthetic volumes (e.g. ``"0,8,16"``), one model each per real size,
+    instead of the multiple; ``ood_test``: a prepared dataset evaluated as out-of-distribution test set."""
     from lad.data.dataset import PreparedDataset
     from lad.downstream.supervised.data import (axis_spacing, load_synthetic_samples, order_patients, real_items,
                                                 stitch_test_patients, SegItem)
+    from lad.downstream.sweep import parse_volumes
     from lad.training.common import resolve_device, validate_dataset
     from lad.utils.atomic import prepare_output_dir
 
@@ -255,6 +304,12 @@ def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, 
     data, out = Path(data).resolve(), Path(out)
     dev = resolve_device(device)
     sizes = _parse_sizes(real_sizes)
+    volumes = parse_volumes(synthetic_volumes)
+    if volumes is not None and synthetic_multiple is not None:
+        raise ValueError("give either --synthetic-multiple or --synthetic-volumes, not both")
+    if volumes is not None and synthetic is None and volumes != [0]:
+        raise ValueError("--synthetic-volumes needs --synthetic SAMPLES_DIR")
+    multiple = float(cfg.synthetic_multiple if synthetic_multiple is None else synthetic_multiple)
     train = PreparedDataset(data, split="train", organ_labels=False)
     test = PreparedDataset(data, split="test", organ_labels=False)
     if len(train) == 0:
@@ -270,19 +325,21 @@ def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, 
     spacing = axis_spacing(train.windows[0]["affine"])
     samples = []
     if synthetic is not None:
-        if synthetic_multiple < 1:
-            raise ValueError(f"--synthetic-multiple must be >= 1 with --synthetic, got {synthetic_multiple}")
+        if volumes is None and not multiple > 0:
+            raise ValueError(f"--synthetic-multiple must be > 0 with --synthetic, got {multiple}")
         samples = load_synthetic_samples(synthetic, shape=train.shape, spacing=spacing)
     window_patient = {w["id"]: w["patient"] for w in PreparedDataset(data, split=None, organ_labels=False).windows}
     test_ids = {w["patient"] for w in test.windows}
     if samples and not _pick_synthetic(samples, [], test_ids, window_patient, data, len(samples), cfg.seed)[0]:
         raise ValueError(f"{synthetic}: every synthetic sample is conditioned on a test patient's mask of {data}; "
                          "training on them would leak test labels (sample from the training split's masks)")
-    arms = ARMS if synthetic is not None else ARMS[:1]
+    ood_path, ood_patients = (None, []) if ood_test is None else _load_ood(ood_test, data, train, spacing)
+    arms = _arms(synthetic, volumes)
     if synthetic is None:
         log.info("no --synthetic folder: training the real-only arm only")
     settings = {"format": "lad-downstream-supervised", "data": str(data), "synthetic": None if synthetic is None else str(Path(synthetic).resolve()),
-                "synthetic_multiple": int(synthetic_multiple) if synthetic is not None else 0, "preset": preset,
+                "synthetic_multiple": multiple if synthetic is not None and volumes is None else 0,
+                "synthetic_volumes": volumes, "ood_test": None if ood_path is None else str(ood_path), "preset": preset,
                 "real_sizes": sizes, "config": to_dict(cfg)}
     out = prepare_output_dir(out, overwrite=overwrite, resume=resume)
     _check_settings(out, settings, resume)
@@ -294,24 +351,25 @@ def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, 
     for n in sizes:
         chosen = order[:n]
         real = real_items(train, chosen)
-        for arm in arms:
+        for arm, n_syn in arms:
             name = f"real{n:04d}_{arm}"
             folder = out / "models" / name
             items, note = list(real), None
             used_syn: list[str] = []
-            if arm == "real+synthetic":
-                want = synthetic_multiple * len(real)
+            want = int(round(multiple * len(real))) if n_syn is None else n_syn
+            if want > 0:
                 picked, leaked = _pick_synthetic(samples, chosen, test_ids, window_patient, data, want, cfg.seed)
                 if leaked:
                     log.warning("%s: %d synthetic samples are conditioned on test-patient masks; left out (label leakage)",
                                 synthetic, leaked)
                 if len(picked) < want:
-                    note = f"capped: {len(picked)} synthetic volumes available, {want} asked ({synthetic_multiple} x {len(real)} real windows)"
+                    asked = f"{multiple:g} x {len(real)} real windows" if n_syn is None else "--synthetic-volumes"
+                    note = f"capped: {len(picked)} synthetic volumes available, {want} asked ({asked})"
                     log.warning("%s: %s", name, note)
                 items += [SegItem(id=s.id, kind="synthetic", source=s) for s in picked]
                 used_syn = [s.id for s in picked]
-            record = {"real_patients": n, "arm": arm, "n_real_windows": len(real), "n_synthetic": len(used_syn),
-                      "n_train_volumes": len(items), "synthetic_note": note}
+            record = {"real_patients": n, "arm": arm, "synthetic_volumes": want, "n_real_windows": len(real),
+                      "n_synthetic": len(used_syn), "n_train_volumes": len(items), "synthetic_note": note}
             if (folder / "metrics.json").exists():
                 if not resume:  # prepare_output_dir refused non-empty folders already; this is a safety net
                     raise FileExistsError(f"{folder}: finished model exists; pass --resume or --overwrite")
@@ -331,12 +389,20 @@ def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, 
             ev = evaluate_model(model, patients, cfg, dev, desc=f"{name} test")
             rec = {**{k: v for k, v in record.items() if k not in ("real_patients", "arm")}, "metrics": ev["summary"],
                    "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1)}
-            _log_final(folder, ev["summary"], cfg.steps)
-            write_json(folder / "metrics.json", {"summary_record": rec, "patients": ev["patients"]})
+            extra = {}
+            if ood_patients:
+                ev_ood = evaluate_model(model, ood_patients, cfg, dev, desc=f"{name} ood test")
+                rec["metrics_ood"] = ev_ood["summary"]
+                extra["patients_ood"] = ev_ood["patients"]
+            _log_final(folder, ev["summary"], cfg.steps, ood=rec.get("metrics_ood"))
+            write_json(folder / "metrics.json", {"summary_record": rec, "patients": ev["patients"], **extra})
             runs.append({**record, **rec})
     results = {"format": "lad-downstream-supervised-results", "preset": preset, "data": str(data),
                "synthetic": settings["synthetic"], "synthetic_multiple": settings["synthetic_multiple"],
+               "synthetic_volumes": volumes,
                "n_test_patients": len(patients), "n_test_with_tumor": sum(bool((p.mask == 2).any()) for p in patients),
+               "ood_test": settings["ood_test"], "n_ood_patients": len(ood_patients),
+               "n_ood_with_tumor": sum(bool((p.mask == 2).any()) for p in ood_patients),
                "network": cfg.network, "steps": cfg.steps, "spacing_mm_dhw": list(spacing), "window_shape": list(train.shape),
                "definitions": {"nsd_tolerance_mm": dict(cfg.nsd_tolerance_mm),
                                "early_tumor_diameter_mm": cfg.early_tumor_diameter_mm,
@@ -346,21 +412,66 @@ def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, 
                "runs": runs}
     write_json(out / "results.json", results)
     plot_scaling(results, out / "scaling.png")
+    if ood_patients:
+        plot_scaling(results, out / "scaling_ood.png", key="metrics_ood")
+    write_sweep(results, out)
     log.info("supervised scaling experiment (%s preset) written to %s", preset, out)
     return results
 
 
-def _log_final(folder: Path, summary: dict, step: int) -> None:
+SWEEP_METRICS = [("dice", "organ", "dsc_organ"), ("dice", "tumor", "dsc_tumor"), ("nsd", "organ", "nsd_organ"),
+                 ("nsd", "tumor", "nsd_tumor"), ("patient_sensitivity", None, "patient_sensitivity"),
+                 ("tumor_sensitivity", None, "tumor_sensitivity"), ("early_tumor_sensitivity", None, "early_tumor_sensitivity"),
+                 ("patient_specificity", None, "patient_specificity")]
+
+
+def write_sweep(results: dict, out: Path) -> None:
+    """Every size x arm as ``sweep.csv`` / ``sweep.md`` (all metrics, in and out of distribution) and ``sweep.png``
+    (tumour and organ DSC against the number of synthetic volumes, one line per real size)."""
+    from lad.downstream.sweep import plot_sweep, write_table
+
+    ood = results.get("n_ood_patients", 0) > 0
+    rows = []
+    for r in sorted(results["runs"], key=lambda r: (r["real_patients"], r["synthetic_volumes"])):
+        row = {"real_patients": r["real_patients"], "arm": r["arm"], "n_real_windows": r["n_real_windows"],
+               "synthetic_volumes": r["n_synthetic"]}
+        for key, cls, col in SWEEP_METRICS:
+            row[col] = metric_value(r["metrics"], key, cls)
+            if ood:
+                row[f"ood_{col}"] = metric_value(r["metrics_ood"], key, cls)
+        rows.append(row)
+    cols = ["real_patients", "arm", "n_real_windows", "synthetic_volumes"] + [c for _, _, c in SWEEP_METRICS] + (
+        [f"ood_{c}" for _, _, c in SWEEP_METRICS] if ood else [])
+    write_table(rows, cols, out / "sweep.csv", out / "sweep.md",
+                title=f"Supervised scaling ({results['network']}, preset {results['preset']}, {results['n_test_patients']} "
+                      f"test patients" + (f", {results['n_ood_patients']} out-of-distribution" if ood else "") + "); "
+                      "metrics in [0, 1], empty / n/a = undefined on this test set")
+    series = {}
+    for n in sorted({r["real_patients"] for r in rows}):
+        mine = [r for r in rows if r["real_patients"] == n]
+        xs = [r["synthetic_volumes"] for r in mine]
+        series[f"{n} real: DSC tumour"] = (xs, [r["dsc_tumor"] for r in mine], None)
+        series[f"{n} real: DSC organ"] = (xs, [r["dsc_organ"] for r in mine], None)
+        if ood:
+            series[f"{n} real: DSC tumour (OOD)"] = (xs, [r["ood_dsc_tumor"] for r in mine], None)
+    plot_sweep(series, out / "sweep.png", ylabel="DSC",
+               title=f"Supervised segmentation by synthetic set size ({results['network']}, preset {results['preset']})")
+
+
+def _log_final(folder: Path, summary: dict, step: int, ood: dict | None = None) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(folder / "tb"))
-    for key in ("dice", "nsd"):
-        for cls, v in summary[key].items():
-            if v["mean"] is not None:
-                w.add_scalar(f"test/{key}_{cls}", v["mean"], step)
-    for key in ("patient_sensitivity", "tumor_sensitivity", "early_tumor_sensitivity", "patient_specificity"):
-        if summary[key]["value"] is not None:
-            w.add_scalar(f"test/{key}", summary[key]["value"], step)
+    for prefix, summ in (("test", summary), ("test_ood", ood)):
+        if summ is None:
+            continue
+        for key in ("dice", "nsd"):
+            for cls, v in summ[key].items():
+                if v["mean"] is not None:
+                    w.add_scalar(f"{prefix}/{key}_{cls}", v["mean"], step)
+        for key in ("patient_sensitivity", "tumor_sensitivity", "early_tumor_sensitivity", "patient_specificity"):
+            if summ[key]["value"] is not None:
+                w.add_scalar(f"{prefix}/{key}", summ[key]["value"], step)
     w.close()
 
 
@@ -376,8 +487,9 @@ def metric_value(metrics: dict, key: str, cls: str | None) -> float:
     return math.nan if v is None else float(v)
 
 
-def plot_scaling(results: dict, path: Path) -> None:
-    """Scaling curves: x = real training patients, one line per arm, one panel per metric (PNG, atomically)."""
+def plot_scaling(results: dict, path: Path, key: str = "metrics") -> None:
+    """Scaling curves: x = real training patients, one line per arm, one panel per metric (PNG, atomically);
+    ``key`` = ``metrics`` (in-distribution test set) or ``metrics_ood`` (out-of-distribution)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,16 +500,16 @@ def plot_scaling(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     colours = {"real": "tab:gray", "real+synthetic": "tab:red"}
     sizes = sorted({r["real_patients"] for r in results["runs"]})
+    arms = list(dict.fromkeys(r["arm"] for r in sorted(results["runs"], key=lambda r: r.get("synthetic_volumes", 0))))
+    metrics_key = key
     for ax, (key, cls, title) in zip(axes.ravel(), PANELS):
         drawn = False
-        for arm in ARMS:
+        for j, arm in enumerate(arms):
             runs = sorted((r for r in results["runs"] if r["arm"] == arm), key=lambda r: r["real_patients"])
-            if not runs:
-                continue
             xs = [r["real_patients"] for r in runs]
-            ys = [100 * metric_value(r["metrics"], key, cls) for r in runs]
-            label = arm if arm == "real" else f"real + {results['synthetic_multiple']}x synthetic"
-            ax.plot(xs, ys, "o-", color=colours[arm], label=label)
+            ys = [100 * metric_value(r[metrics_key], key, cls) for r in runs]
+            label = f"real + {results['synthetic_multiple']:g}x synthetic" if arm == "real+synthetic" else arm
+            ax.plot(xs, ys, "o-", color=colours.get(arm, f"C{j}"), label=label)
             drawn = drawn or any(not math.isnan(y) for y in ys)
         if not drawn:
             ax.text(0.5, 0.5, "not defined on this test set", ha="center", va="center", transform=ax.transAxes, color="0.4")
@@ -412,9 +524,11 @@ def plot_scaling(results: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     tol = results["definitions"]["nsd_tolerance_mm"]
-    fig.suptitle(f"Supervised scaling ({results['network']}, preset {results['preset']}, {results['n_test_patients']} test "
-                 f"patients; NSD tolerance organ {tol['organ']} mm / tumour {tol['tumor']} mm; early <= "
-                 f"{results['definitions']['early_tumor_diameter_mm']} mm)", fontsize=10)
+    test = (f"{results['n_ood_patients']} out-of-distribution test patients ({Path(results['ood_test']).name})"
+            if metrics_key == "metrics_ood" else f"{results['n_test_patients']} test patients")
+    fig.suptitle(f"Supervised scaling ({results['network']}, preset {results['preset']}, {test}; NSD tolerance organ "
+                 f"{tol['organ']} mm / tumour {tol['tumor']} mm; "
+                 f"early <= {results['definitions']['early_tumor_diameter_mm']} mm)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)
