@@ -2,8 +2,9 @@
 set and against degraded copies of it (noise, blur, HU shift, organs removed), with the in-domain
 features (``lad features train --preset demo``) and with the untrained (random-init) ResNet-10.
 
-Data as ``lad demo`` makes it: 30 phantom subjects (128 x 128 at 3 x 3 x 2.5 mm) prepared with the
-``demo`` preset (16 x 64 x 64 windows), all windows split by subject parity into two real sets.
+Data made as ``lad demo`` makes it (fewer subjects: 30, the demo uses 150): phantom subjects (128 x 128 at
+3 x 3 x 2.5 mm) prepared with the ``demo`` preset (16 x 64 x 64 windows), all windows split by subject
+parity into two real sets; the features are trained on the prepared training split (24 windows).
 Prints a Markdown table (and one JSON line per row with the machine context) and the CPU seconds per
 part. Run: .venv/bin/python benchmarks/bench_metrics_sensitivity.py [--work DIR] [--threads 2]
 """
