@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from lad.config import ConfigError
+from lad.config import ConfigError, to_dict
 from lad.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from lad.training.common import NonFiniteGuard, batch_indices, check_resume_config, check_run_part, data_state, validate_dataset
 from lad.training.config import resolve_train_config
-from lad.training.ema import make_ema
+from lad.training.ema import ema_step, make_ema
 
 
 def _model(seed):
@@ -191,3 +191,54 @@ def test_cli_help():
             for flag in ("--data", "--run", "--preset", "--variant", "--set", "--resume", "--overwrite", "--device", "--seed",
                          "--no-progress"):
                 assert flag in r.stdout, flag
+
+
+def test_ema_step_release_schedule_and_resume():
+    """ema_step: on every ``every``-th step; a copy of the weights before ``start``, an average from it; the
+    state_dict (n_averaged included) resumes it exactly."""
+    m = torch.nn.Linear(1, 1, bias=False)
+
+    def run(steps, ema):
+        for step in steps:
+            with torch.no_grad():
+                m.weight.fill_(float(step))
+            ema_step(ema, m, step, every=2, start=4)
+        return ema
+
+    ema = run(range(8), make_ema(m, decay=0.5))
+    # step 0, 2: copies (2.0); step 4: 0.5 * 2 + 0.5 * 4 = 3; step 6: 0.5 * 3 + 0.5 * 6 = 4.5
+    assert ema.module.weight.item() == pytest.approx(4.5)
+    half = run(range(5), make_ema(m, decay=0.5))
+    resumed = make_ema(m, decay=0.5)
+    resumed.load_state_dict(half.state_dict())
+    assert run(range(5, 8), resumed).module.weight.item() == pytest.approx(4.5)
+    with pytest.raises(ValueError, match="every"):
+        ema_step(ema, m, 0, every=0)
+
+
+def test_ema_and_beta_clip_presets():
+    """The paper presets use the release's EMA schedule and beta clip; demo and tiny keep lad's (1, 0, 0.999)."""
+    for name in ("paper-abdomenct1k", "paper-totalsegmentator"):
+        d = resolve_train_config(name).diffusion_train
+        assert (d.ema_decay, d.ema_every, d.ema_start, d.beta_max) == (0.995, 10, 2000, 0.9999), name
+    for name in ("demo", "tiny"):
+        d = resolve_train_config(name).diffusion_train
+        assert (d.ema_every, d.ema_start, d.beta_max) == (1, 0, 0.999), name
+    for bad in ("diffusion_train.ema_every=0", "diffusion_train.beta_max=1.0"):
+        with pytest.raises(ConfigError):
+            resolve_train_config("tiny", [bad])
+
+
+def test_resume_config_fills_keys_the_run_predates(tmp_path):
+    """A run saved before diffusion_train.ema_every / ema_start / beta_max existed ran with their defaults: it
+    resumes with them, and refuses the paper presets' release values."""
+    import yaml
+
+    cfg = resolve_train_config("tiny")
+    old = to_dict(cfg)
+    for k in ("ema_every", "ema_start", "beta_max"):
+        del old["diffusion_train"][k]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_resume_config(tmp_path, cfg, ("diffusion_train",))
+    with pytest.raises(ValueError, match=r"keys \['ema_every'\]"):
+        check_resume_config(tmp_path, resolve_train_config("tiny", ["diffusion_train.ema_every=10"]), ("diffusion_train",))

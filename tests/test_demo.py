@@ -31,6 +31,9 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
         assert img.format == "PNG" and img.size == (round(1.9 * cols * 80), round(2.0 * 3 * 80))
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert set(metrics["sets"]) == {"Lad", "V0 (Medical Diffusion)"}
+    # both models are sampled alike and without the median-HU redraws (a selection the paper does not make)
+    assert all(e["selection"]["quality_check"] is False and e["selection"]["rejected"] == 0 for e in metrics["sets"].values())
+    assert metrics["settings"]["selection_identical"] and "<td>none</td>" in html
     assert all((out / ".stages" / f"{s}.done").exists() for s in STAGES)
     timings = json.loads((out / ".stages" / "timings.json").read_text())
     assert set(timings) == set(STAGES)

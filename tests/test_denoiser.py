@@ -1,4 +1,4 @@
-"""LatentDenoiser: shapes (both conditioning modes, unconditional, 2D/3D, odd depths), condition use, save/load."""
+"""LatentDenoiser: shapes (every conditioning mode, unconditional, 2D/3D, odd depths), condition use, save/load."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _randomise_output_layer(d: LatentDenoiser) -> None:
                 p.normal_(std=0.05)
 
 
-@pytest.mark.parametrize("conditioning", ["embedding", "cross_attention"])
+@pytest.mark.parametrize("conditioning", ["embedding", "concat", "cross_attention"])
 @pytest.mark.parametrize("depth", [1, 2, 3, 5])
 def test_shapes_both_modes_odd_depths(conditioning, depth):
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def test_unconditional_and_2d():
         d(torch.randn(1, 4, 2, 8, 8), torch.tensor([3]))
 
 
-@pytest.mark.parametrize("conditioning", ["embedding", "cross_attention"])
+@pytest.mark.parametrize("conditioning", ["embedding", "concat", "cross_attention"])
 def test_output_depends_on_condition_and_timestep(conditioning):
     torch.manual_seed(0)
     d = LatentDenoiser(cond_dim=5, conditioning=conditioning, **SMALL).eval()
@@ -98,7 +98,7 @@ def test_condition_gets_gradients_in_embedding_mode():
     assert d.unet.class_embedding[0].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("conditioning", ["embedding", "cross_attention"])
+@pytest.mark.parametrize("conditioning", ["embedding", "concat", "cross_attention"])
 def test_save_load_round_trip(tmp_path, conditioning):
     torch.manual_seed(0)
     d = LatentDenoiser(cond_dim=6, conditioning=conditioning, **SMALL).eval()
@@ -124,6 +124,24 @@ def test_default_size_is_release_scale():
 
 def test_bad_configuration_messages():
     with pytest.raises(ValueError, match="conditioning must be"):
-        LatentDenoiser(conditioning="concat", **SMALL)
+        LatentDenoiser(conditioning="film", **SMALL)
     with pytest.raises(ValueError, match="one flag per level"):
         LatentDenoiser(channels=(16, 32), attention_levels=(False,), norm_num_groups=8)
+
+
+def test_concat_mode_is_the_release_path():
+    """conditioning="concat": every residual block's embedding projection sees SiLU([time MLP(t), raw cond])."""
+    from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+
+    torch.manual_seed(0)
+    d = LatentDenoiser(cond_dim=5, conditioning="concat", **SMALL).eval()
+    width = 4 * SMALL["channels"][0]
+    projs = [m.time_emb_proj for m in d.unet.modules() if hasattr(m, "time_emb_proj")]
+    assert projs and all(p.in_features == width + 5 for p in projs)
+    seen = []
+    projs[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    t, c = torch.tensor([10, 99]), torch.randn(2, 5)
+    with torch.no_grad():
+        d(torch.randn(2, 8, 2, 8, 8), t, c)
+        time = d.unet.time_embed.inner(get_timestep_embedding(t, SMALL["channels"][0]))
+    torch.testing.assert_close(seen[0], torch.nn.functional.silu(torch.cat([time, c], 1)))

@@ -24,10 +24,12 @@ def test_classical_mds_recovers_distances():
 
 
 def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
-    s = SampleSettings(n=3, steps=3, quality_check=False)
+    s = SampleSettings(n=3, steps=3, quality_check=True, max_retries=1)  # the optional median-HU selection
     generate_samples(tiny_run, tiny_prepared, tmp_path / "a", s)
-    generate_samples(tiny_run, tiny_prepared, tmp_path / "b", SampleSettings(n=3, steps=3, quality_check=False, augment="none"))
+    generate_samples(tiny_run, tiny_prepared, tmp_path / "b", SampleSettings(n=3, steps=3, augment="none"))
     res = evaluate(tiny_prepared, {"Lad": tmp_path / "a", "noaug": tmp_path / "b"}, tmp_path / "rep", n_pairs=3)
+    with pytest.raises(ValueError, match="ellipses must be"):
+        evaluate(tiny_prepared, {"Lad": tmp_path / "a"}, tmp_path / "rep2", ellipses="circles")
     m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert set(m["sets"]) == {"Lad", "noaug"}
     for e in m["sets"].values():
@@ -39,11 +41,18 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
     assert m["real"]["body_ok_fraction"] == 1.0 and "fidelity_dice" not in m["real"] and "anatomy" not in m["real"]
     assert m["settings"]["anatomy"]["presence_ranges_voxels"] is None and m["settings"]["anatomy"]["bone_min_voxels"] >= 1
     assert m["settings"]["pretrained_features"] is False and "not MedicalNet" in m["settings"]["features"]
+    # the selection is recorded per set; sets sampled with different selection are flagged
+    sel = m["sets"]["Lad"]["selection"]
+    assert sel["quality_check"] is True and sel["max_retries"] == 1 and sel["draws"] == 3 + sel["rejected"]
+    assert m["sets"]["noaug"]["selection"]["quality_check"] is False and m["settings"]["selection_identical"] is False
     box = m["settings"]["localized_box"]
     assert len(box) == 3 and all(0 <= a < b for a, b in box)
     html = (tmp_path / "rep" / "report.html").read_text()
     assert len(re.findall(r"data:image/png;base64,", html)) == 4 and "random-initialised" in html  # MDS, slices, HU, closest pairs
     assert "Anatomy and realism checks" in html and "VQ-GAN reconstruction (held-out windows)" in html
+    assert f"median HU, {sel['rejection_rate']:.0%} of {sel['draws']} draws rejected" in html
+    assert "different median-HU selection" in html
+    assert m["settings"]["mds_ellipses"] == "least-squares" and "least-squares ellipses" in html
     r = subprocess.run([sys.executable, "-m", "lad", "evaluate", "--real", str(tiny_prepared), "--synthetic", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "r2")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a lad sample folder" in r.stderr
@@ -65,3 +74,26 @@ def test_report_renders_in_a_headless_browser(tiny_run, tiny_prepared, tmp_path)
 
     img = Image.open(shot).convert("L")
     assert img.size == (1200, 3000) and len(set(img.getdata())) > 50  # the figures drew, not a blank page
+
+
+def test_mds_ellipses_least_squares_fit_and_two_sigma():
+    """The MDS figure's ellipses: the paper's least-squares fit recovers an ellipse the points lie on; the
+    2-sigma covariance ellipse (an option) does not (it is 2 standard deviations wide)."""
+    import numpy as np
+
+    from lad.evaluation.report import fit_ellipse
+
+    t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    a, b, th, c = 3.0, 1.0, 0.4, np.array([2.0, -1.0])
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    pts = c + np.c_[a * np.cos(t), b * np.sin(t)] @ rot.T
+    centre, axes, theta = fit_ellipse(pts)
+    np.testing.assert_allclose(centre, c, atol=1e-6)
+    np.testing.assert_allclose(axes, (a, b), atol=1e-6)
+    assert np.isclose(np.cos(2 * (theta - th)), 1.0)  # the same axis direction (up to a half turn)
+    centre2, axes2, _ = fit_ellipse(pts, "2-sigma")
+    np.testing.assert_allclose(centre2, c, atol=1e-6)
+    assert axes2[0] == pytest.approx(2 * a / np.sqrt(2), rel=0.02)  # sd of a*cos(t) is a / sqrt(2)
+    assert fit_ellipse(pts[:4]) is None
+    with pytest.raises(ValueError, match="ellipses must be"):
+        fit_ellipse(pts, "circle")

@@ -288,3 +288,37 @@ def test_presets_and_overrides():
     assert demo.depth == 12 and demo.size == (64, 64) and demo.spacing == (6.0, 6.0, 5.0)
     tiny = load_prepare_config("tiny")
     assert tiny.size == (32, 32) and tiny.depth == 8 and tiny.hu_clip == (-1000.0, 400.0)
+
+
+def test_one_window_per_case_centred_on_the_organ(tmp_path):
+    """windows: one (the paper's, its presets) takes one window per CT centred on the organ's z-extent, where
+    sliding windows (demo, tiny) take several overlapping ones."""
+    from lad.data.phantom import write_phantom_dataset
+    from lad.data.prepare import load_prepare_config
+
+    assert window_starts(5, 30, 8, 4, 40, "one") == [14]  # (5 + 30 + 1) // 2 - 8 // 2: centre of [5, 30]
+    assert window_starts(10, 12, 8, 4, 40, "one") == window_starts(10, 12, 8, 4, 40)  # a short organ: the same
+    assert window_starts(16, 19, 8, 4, 20, "one") == [12]  # clipped to the volume
+    with pytest.raises(ValueError, match="one' or 'sliding"):
+        window_starts(5, 30, 8, 4, 40, "every")
+    assert load_prepare_config("paper-abdomenct1k").windows == load_prepare_config("paper-totalsegmentator").windows == "one"
+    assert load_prepare_config("demo").windows == load_prepare_config("tiny").windows == "sliding"
+
+    write_phantom_dataset(tmp_path / "raw", 2, seed=1, spacing=(6.0, 6.0, 5.0), size=(64, 64))
+    counts = {}
+    for mode in ("sliding", "one"):
+        cfg = load_prepare_config("tiny", {"depth": 2, "stride": 1, "windows": mode})
+        prepare_dataset("abdomenct1k", tmp_path / "raw", tmp_path / mode, cfg)
+        ds = PreparedDataset(tmp_path / mode, split=None)
+        counts[mode] = [w["patient"] for w in ds.windows]
+    assert len(counts["sliding"]) > len(set(counts["sliding"]))  # several windows of some case
+    assert sorted(counts["one"]) == sorted(set(counts["sliding"]))  # exactly one per case
+    # a folder prepared before `windows` existed was prepared with sliding windows: it resumes as such
+    settings_file = tmp_path / "sliding" / "prepare_settings.json"
+    old = json.loads(settings_file.read_text())
+    del old["config"]["windows"]
+    settings_file.write_text(json.dumps(old))
+    tiny = lambda mode: load_prepare_config("tiny", {"depth": 2, "stride": 1, "windows": mode})
+    assert prepare_dataset("abdomenct1k", tmp_path / "raw", tmp_path / "sliding", tiny("sliding"))["kept"] == 2
+    with pytest.raises(OutputExistsError, match="windows: 'sliding' -> 'one'"):
+        prepare_dataset("abdomenct1k", tmp_path / "raw", tmp_path / "sliding", tiny("one"))

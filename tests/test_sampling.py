@@ -17,7 +17,7 @@ from lad.sampling.masks import MaskSource
 from lad.sampling.pipeline import LadPipeline
 from lad.sampling.writer import parse_shard
 
-FAST = dict(steps=4, sampler="ddim", quality_check=False)
+FAST = dict(steps=4, sampler="ddim")
 
 
 def _volumes(folder):
@@ -147,3 +147,59 @@ def test_cli_sample_with_preview(tiny_run, tiny_prepared, tmp_path):
                         "--n", "1", "--out", str(tmp_path / "d")], capture_output=True, text=True)
     assert r.returncode == 2 and "no trained VQ-GAN" in r.stderr
     shutil.rmtree(tmp_path / "c")
+
+
+def _copy_run(tiny_run, dst):
+    shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("checkpoints", "latent_cache", "tensorboard"))
+    return dst
+
+
+def test_sampler_defaults_come_from_the_run(tiny_run, tiny_prepared, tmp_path):
+    """Sampler, steps and guidance not given are the run's ``sampling`` section: the paper presets' DDPM-300, the
+    demo/tiny presets' DDIM-50 (ours), a run saved without a section gets DDIM-50."""
+    import yaml
+
+    from lad.sampling.generate import resolve_settings
+    from lad.training.config import resolve_train_config
+
+    got = lambda st: (st.sampler, st.steps, st.guidance)
+    assert got(resolve_settings(SampleSettings(), tiny_run)) == ("ddim", 50, 1.0)
+    paper = resolve_train_config("paper-abdomenct1k").sampling
+    assert (paper.sampler, paper.steps, paper.guidance) == ("ddpm", 300, 1.0)
+    run = _copy_run(tiny_run, tmp_path / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["sampling"] = {"sampler": "ddpm", "steps": 5, "guidance": 2.0}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    generate_samples(run, tiny_prepared, tmp_path / "s", SampleSettings(n=1))
+    saved = json.loads((tmp_path / "s" / "sampling.json").read_text())
+    assert (saved["sampler"], saved["steps"], saved["guidance"], saved["quality_check"]) == ("ddpm", 5, 2.0, False)
+    rec = json.loads((tmp_path / "s" / "manifest.jsonl").read_text().splitlines()[0])
+    assert (rec["sampler"], rec["steps"], rec["guidance"]) == ("ddpm", 5, 2.0)
+    # the command line (explicit settings) wins, field by field
+    assert got(resolve_settings(SampleSettings(sampler="ddim", steps=3), run)) == ("ddim", 3, 2.0)
+    (run / "config.yaml").unlink()
+    assert got(resolve_settings(SampleSettings(), run)) == ("ddim", 50, 1.0)
+
+
+def test_median_hu_selection_is_off_by_default_and_recorded(tiny_run, tiny_prepared, tmp_path):
+    """No redraws unless asked; with --quality-check every rejected draw is in the manifest and the summary."""
+    from lad.sampling.generate import selection_summary
+
+    run = _copy_run(tiny_run, tmp_path / "run")
+    stats = json.loads((run / "latent_stats.json").read_text())
+    # a training range no sample can meet: every draw fails the check
+    stats["fingerprint"] = {"hu_percentiles_per_organ": {stats.get("organ", "pancreas"): {"0.5": 5000.0, "99.5": 6000.0}}}
+    (run / "latent_stats.json").write_text(json.dumps(stats))
+    off = generate_samples(run, tiny_prepared, tmp_path / "off", SampleSettings(n=2, steps=2))
+    assert off["redrawn"] == 0
+    q = [json.loads(line)["quality"] for line in (tmp_path / "off" / "manifest.jsonl").read_text().splitlines()]
+    assert all(not x["check"] and x["redraws"] == 0 and x["in_range"] is False for x in q)
+    assert selection_summary(tmp_path / "off") == {"quality_check": False, "max_retries": 0, "draws": 2, "rejected": 0,
+                                                   "rejection_rate": 0.0, "kept_out_of_range": 0}
+    on = generate_samples(run, tiny_prepared, tmp_path / "on", SampleSettings(n=2, steps=2, quality_check=True, max_retries=2))
+    assert on["redrawn"] == 4
+    lines = (tmp_path / "on" / "manifest.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["quality"]["redraws"] == 2 for line in lines)
+    sel = selection_summary(tmp_path / "on")
+    assert (sel["quality_check"], sel["draws"], sel["rejected"], sel["kept_out_of_range"]) == (True, 6, 4, 2)
+    assert sel["rejection_rate"] == pytest.approx(4 / 6)

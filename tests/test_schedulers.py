@@ -244,3 +244,20 @@ def test_clip_sample_range_clamps_the_x0_estimate():
     assert float(unclipped.step(eps, t, z).max()) > 1000  # what the clip prevents
     with pytest.raises(ValueError, match="clip_sample_range"):
         DDIMScheduler(clip_sample=True, clip_sample_range=0.0)
+
+
+def test_beta_max_clips_the_cosine_table_and_is_saved(tmp_path):
+    """beta_max: the release's 0.9999 clips the last cosine beta (1 unclipped) there instead of at 0.999."""
+    rel = DDPMScheduler(num_train_timesteps=T, beta_max=0.9999)
+    ours = DDPMScheduler(num_train_timesteps=T)
+    assert float(rel.betas[-1]) == pytest.approx(0.9999) and float(ours.betas[-1]) == pytest.approx(0.999)
+    assert torch.equal(rel.betas[:-1], ours.betas[:-1])  # only the last beta reaches either clip at T = 300
+    assert float(rel.alphas_cumprod[-1]) == pytest.approx(float(rel.alphas_cumprod[-2]) * 1e-4, rel=1e-4)
+    rel.save_pretrained(tmp_path / "s")
+    assert load_scheduler(tmp_path / "s", "ddim").config["beta_max"] == 0.9999
+    cfg = json.loads((tmp_path / "s" / "scheduler_config.json").read_text())
+    del cfg["beta_max"]  # a run saved before beta_max existed: 0.999
+    (tmp_path / "s" / "scheduler_config.json").write_text(json.dumps(cfg))
+    assert torch.equal(DDPMScheduler.from_pretrained(tmp_path / "s").betas, ours.betas)
+    with pytest.raises(ValueError, match="beta_max"):
+        DDPMScheduler(beta_max=1.0)

@@ -190,3 +190,46 @@ def test_cli_end_to_end(handmade_prepared, tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.stepz=2"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown key 'stepz'" in r.stderr
+
+
+def test_release_ema_schedule_and_beta_clip_resume(handmade_prepared, handmade_run, tmp_path):
+    """diffusion_train.ema_every / ema_start (the release's: every 10 steps from step 2000, a copy before) and
+    beta_max reach the trainer and the saved scheduler, and a resumed run continues the same EMA."""
+    sets = ["diffusion_train.steps=6", "logging.checkpoint_every=2", "logging.image_every=0",
+            "diffusion_train.ema_every=2", "diffusion_train.ema_start=2", "diffusion_train.beta_max=0.9999"]
+    cfg = resolve_train_config("tiny", sets)
+    a, b = _with_vqgan(handmade_run, tmp_path / "a"), _with_vqgan(handmade_run, tmp_path / "b")
+    train_diffusion(handmade_prepared, a, cfg)
+    train_diffusion(handmade_prepared, b, cfg, stop_after=3)
+    train_diffusion(handmade_prepared, b, cfg, resume=True)
+    assert _equal(_weights(a / "denoiser_ema"), _weights(b / "denoiser_ema"))
+    ema, raw = _weights(a / "denoiser_ema"), _weights(a / "denoiser")
+    assert not all(torch.equal(ema[k], raw[k]) for k in raw)  # averaged at steps 2 and 4
+    assert json.loads((a / "scheduler" / "scheduler_config.json").read_text())["beta_max"] == 0.9999
+    # before ema_start the EMA is a copy of the weights: with the last update (step 4 of 0..4) before the
+    # start, the EMA weights are the final raw weights
+    c = _with_vqgan(handmade_run, tmp_path / "c")
+    late = [*sets[:3], "diffusion_train.steps=5", "diffusion_train.ema_every=2", "diffusion_train.ema_start=5"]
+    train_diffusion(handmade_prepared, c, resolve_train_config("tiny", late))
+    assert _equal(_weights(c / "denoiser_ema"), _weights(c / "denoiser"))
+
+
+def test_concat_conditioning_trains_and_samples(handmade_prepared, handmade_run, tmp_path):
+    """denoiser.conditioning=concat (the release's path) trains, saves and samples through the pipeline."""
+    from lad.models.denoiser import LatentDenoiser
+    from lad.sampling.pipeline import LadPipeline
+
+    run = _with_vqgan(handmade_run, tmp_path / "r")
+    cfg = resolve_train_config("tiny", ["diffusion_train.steps=2", "logging.image_every=0", "denoiser.conditioning=concat"])
+    train_diffusion(handmade_prepared, run, cfg)
+    den = LatentDenoiser.from_pretrained(run / "denoiser_ema")
+    assert den.config["conditioning"] == "concat"
+    pipe = LadPipeline.from_run(run, ema=False)  # the raw weights: two steps moved them off MONAI's zero init
+    mask = torch.zeros((2, 1, *pipe.image_shape), dtype=torch.uint8)
+    mask[1, 0, 2:6, 8:20, 8:20] = 1  # two different conditions
+    assert pipe(mask, seeds=[0, 0], steps=2).shape == (2, 1, *pipe.image_shape)
+    cond = pipe.conditions(mask)
+    z = torch.randn(1, *pipe.latent_shape).expand(2, *pipe.latent_shape)
+    with torch.no_grad():
+        eps = pipe.denoiser(z, torch.tensor([10, 10]), cond)
+    assert not torch.equal(cond[0], cond[1]) and not torch.equal(eps[0], eps[1])

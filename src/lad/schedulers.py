@@ -6,8 +6,9 @@ samples the same model in a few steps (``eta=0``: deterministic).
 
 What is reused and what is written here, and why:
 
-* the beta tables use the formulas of MONAI's ``NoiseSchedules`` ("cosine" is exactly the release's /
-  Nichol & Dhariwal's, betas clipped at 0.999) computed in float64 (MONAI's float32 cosine table
+* the beta tables use the formulas of MONAI's ``NoiseSchedules`` ("cosine" is Nichol & Dhariwal's, betas
+  clipped at ``beta_max``: 0.999 by default, as Nichol & Dhariwal and MONAI; the public release clips at
+  0.9999, which the paper presets use) computed in float64 (MONAI's float32 cosine table
   gives the first steps' coefficients only 3 correct digits: see ``_betas``);
 * the steps are written here. MONAI 1.6's ``DDPMScheduler.step`` always uses the posterior from t to
   t - 1, so after ``set_timesteps(n < T)`` it steps to a noise level the next call does not expect;
@@ -46,17 +47,19 @@ Timestep = int | torch.Tensor
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+def _betas(schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float,
+           beta_max: float = 0.999) -> torch.Tensor:
     """(T,) float64 betas.
 
     Same formulas as MONAI's ``NoiseSchedules`` ("cosine", "linear_beta", "scaled_linear_beta"), but in
     float64: MONAI builds the cosine table in float32, where beta_0 = 1 - abar(1) / abar(0) ~ 4e-5 keeps
-    only 3 significant digits (relative error ~1e-3 in the first posterior coefficients)."""
+    only 3 significant digits (relative error ~1e-3 in the first posterior coefficients). ``beta_max`` clips
+    the cosine betas (only the last one or two steps reach it: beta_{T-1} = 1 unclipped)."""
     n = num_train_timesteps
-    if schedule == "cosine":  # Nichol & Dhariwal 2021, s = 0.008, betas clipped at 0.999 (as the release)
+    if schedule == "cosine":  # Nichol & Dhariwal 2021, s = 0.008, betas clipped at beta_max
         x = torch.linspace(0, n, n + 1, dtype=torch.float64)
         abar = torch.cos(((x / n) + 0.008) / 1.008 * math.pi / 2) ** 2
-        return (1 - abar[1:] / abar[:-1]).clamp(0.0, 0.999)
+        return (1 - abar[1:] / abar[:-1]).clamp(0.0, beta_max)
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
     return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2  # scaled_linear
@@ -82,7 +85,7 @@ class _Scheduler:
 
     def __init__(self, *, num_train_timesteps: int = 300, schedule: str = "cosine", beta_start: float = 1e-4,
                  beta_end: float = 2e-2, clip_sample: bool = False, prediction_type: str = "epsilon",
-                 clip_sample_range: float = 1.0):
+                 clip_sample_range: float = 1.0, beta_max: float = 0.999):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
         if prediction_type not in PREDICTION_TYPES:
@@ -92,10 +95,12 @@ class _Scheduler:
         self.config = {"num_train_timesteps": int(num_train_timesteps), "schedule": schedule,
                        "beta_start": float(beta_start), "beta_end": float(beta_end),
                        "clip_sample": bool(clip_sample), "prediction_type": prediction_type,
-                       "clip_sample_range": float(clip_sample_range)}
+                       "clip_sample_range": float(clip_sample_range), "beta_max": float(beta_max)}
         if self.config["clip_sample_range"] <= 0:
             raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
-        betas = _betas(schedule, self.num_train_timesteps, beta_start, beta_end)
+        if not 0.0 < self.config["beta_max"] < 1.0:
+            raise ValueError(f"beta_max must be in (0, 1), got {beta_max}")
+        betas = _betas(schedule, self.num_train_timesteps, beta_start, beta_end, self.config["beta_max"])
         self._betas64 = betas
         self._abar64 = torch.cumprod(1.0 - betas, dim=0)
         self.num_inference_steps = self.num_train_timesteps

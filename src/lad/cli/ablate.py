@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", default="V0,V1,V2,V3,full", help="comma-separated subset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--n", type=int, default=16, help="samples per variant")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's sampling section)")
     p.add_argument("--features", default="random-resnet10")
     p.add_argument("--segmenter", help="segmenter folder for the conditioning-fidelity Dice and the anatomy-present check")
     p.add_argument("--pairs", type=int, default=100)

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segmenter", help="segmenter folder (lad priors train) for the conditioning-fidelity Dice and the anatomy-present check")
     p.add_argument("--pairs", type=int, default=400, help="MS-SSIM pairs (default 400)")
     p.add_argument("--bootstrap", type=int, default=200, help="replicates of each metric's 95 %% bootstrap interval (0: none)")
+    p.add_argument("--ellipses", choices=["least-squares", "2-sigma"], default="least-squares",
+                   help="MDS figure: least-squares ellipse fits (the paper's Figure 4, default) or 2-sigma covariance ellipses")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true")
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     res = evaluate(args.real, parse_synthetic_args(args.synthetic), args.out, features=args.features, n_pairs=args.pairs,
                    seed=args.seed, device=args.device, overwrite=args.overwrite, segmenter=args.segmenter,
-                   n_boot=args.bootstrap)
+                   ellipses=args.ellipses, n_boot=args.bootstrap)
     for name, e in res["sets"].items():
         ci = e.get("fid_ci95")
         print(f"{name}: FID {e['fid']:.4g}{f' [{ci[0]:.4g}, {ci[1]:.4g}]' if ci else ''} MMD {e['mmd']:.4g} FIDloc {e['fid_localized']:.4g} MMDloc {e['mmd_localized']:.4g} "

@@ -21,7 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target spacing in mm")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="in-plane size after crop/pad")
     p.add_argument("--depth", type=int, help="window depth D")
-    p.add_argument("--stride", type=int, help="window stride along z (default D/2)")
+    p.add_argument("--windows", choices=["one", "sliding"],
+                   help="one window per case centred on the organ (the paper's; paper presets) or overlapping windows "
+                   "every --stride slices (demo, tiny)")
+    p.add_argument("--stride", type=int, help="window stride along z with --windows sliding (default D/2)")
     p.add_argument("--organ", choices=["liver", "kidney", "spleen", "pancreas"], help="organ of interest (default pancreas)")
     p.add_argument("--require", nargs="+", metavar="ORGAN",
                    help="organs that must be present and not cut short by the scan (else the volume is dropped), "
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from lad.data.prepare import load_prepare_config, prepare_dataset
 
     overrides = {
-        "spacing": args.spacing, "size": args.size, "depth": args.depth, "stride": args.stride, "organ": args.organ,
+        "spacing": args.spacing, "size": args.size, "depth": args.depth, "windows": args.windows, "stride": args.stride,
+        "organ": args.organ,
         "require": [o.strip() for part in args.require for o in part.split(",") if o.strip()] if args.require else None,
         "split": args.split, "seed": args.seed,
     }

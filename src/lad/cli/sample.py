@@ -21,15 +21,24 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="number of samples (--num-samples: the same, for torchrun, whose parser rejects --n as ambiguous)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--augment", choices=["paper", "none"], default="paper", help="Locality Condition Augmentation (default: paper)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w of eq. (4) (default 1.0)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM uses all training steps if larger)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance weight w of eq. (4) (default: the run's, 1.0 in every preset)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                   help="ddpm: ancestral, the paper's; ddim: deterministic (eta 0), ours. Default: the run's sampling section "
+                   "(RUN/config.yaml): ddpm for the paper presets, ddim for demo and tiny")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timesteps evenly spaced over the training steps, for either sampler; more than the training steps "
+                   "are reduced to them, and DDPM with fewer is respaced DDPM. Default: the run's (paper presets 300, "
+                   "demo and tiny 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--shard", default=None, help="i/k: this process makes samples j with j %% k == i (default: torchrun rank)")
     p.add_argument("--format", choices=["nifti", "npy"], default="nifti", help="npy writes the public release's layout")
-    p.add_argument("--max-retries", type=int, default=3, help="redraws of a sample failing the median-HU check")
-    p.add_argument("--no-quality-check", action="store_true")
+    p.add_argument("--quality-check", action=argparse.BooleanOptionalAction, default=False,
+                   help="redraw a sample whose median HU inside the organ lies outside the training data's range (not in "
+                   "the paper: it selects plausible-looking samples; recorded in the manifest, rejection rate in "
+                   "`lad evaluate`'s report; default off)")
+    p.add_argument("--max-retries", type=int, default=3, help="with --quality-check: redraws of a failing sample (default 3)")
     p.add_argument("--preview", action="store_true", help="also write preview.png (slices 8/16/24 with masks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace a sample folder made with other settings")
@@ -42,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = SampleSettings(
         n=args.n, augment=args.augment, guidance=args.guidance, sampler=args.sampler, steps=args.steps,
-        seed=args.seed, format=args.format, max_retries=args.max_retries, quality_check=not args.no_quality_check,
+        seed=args.seed, format=args.format, max_retries=args.max_retries, quality_check=args.quality_check,
     )
     summary = generate_samples(args.run, args.masks, args.out, settings, shard=args.shard,
                                batch_size=args.batch_size, device=args.device, overwrite=args.overwrite)

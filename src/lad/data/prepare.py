@@ -2,7 +2,8 @@
 
 Per patient: read with geometry -> canonical orientation -> resample to the target spacing (image
 linear, labels nearest) -> crop/pad H, W to the target size around the body -> clip HU to
-[-1000, 400] -> sliding windows of depth D along z over the organ of interest (pancreas) ->
+[-1000, 400] -> windows of depth D along z over the organ of interest (pancreas): one per case centred
+on it (the paper's, ``windows: one``) or overlapping every ``stride`` slices (``windows: sliding``) ->
 Lad mask (0 background, 1 organ, 2 tumour) beside the organ label map. The output folder layout is
 documented in docs/contracts.md; ``lad.data.PreparedDataset`` reads it.
 """
@@ -15,7 +16,7 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -43,8 +44,12 @@ class PrepareConfig:
     """In-plane size (H, W) after crop/pad around the body."""
     depth: int = 32
     """Window depth D (slices)."""
+    windows: Literal["one", "sliding"] = "sliding"
+    """"one": one window per case, centred on the organ of interest's z-extent (the paper's, section 4.1.2:
+    as many windows as CTs; the paper presets). "sliding": overlapping windows every ``stride`` slices
+    over the organ (ours: more windows from few cases; the demo and tiny presets)."""
     stride: int = 0
-    """Window stride along z; 0 means depth // 2."""
+    """Window stride along z with ``windows: sliding``; 0 means depth // 2."""
     organ: str = "pancreas"
     """Organ of interest: windows follow it and it is label 1 of the Lad mask."""
     require: list[str] = dataclasses.field(default_factory=list)
@@ -87,15 +92,17 @@ class DropCase(Exception):
         self.file, self.reason = file, reason
 
 
-def window_starts(z0: int, z1: int, depth: int, stride: int, n_slices: int) -> list[int]:
-    """Start slices of the windows covering the organ's z-extent ``[z0, z1]`` (inclusive).
+def window_starts(z0: int, z1: int, depth: int, stride: int, n_slices: int, mode: str = "sliding") -> list[int]:
+    """Start slices of the windows over the organ's z-extent ``[z0, z1]`` (inclusive).
 
-    An organ shorter than a window gets one window centred on it; a longer one gets windows from
-    its first slice every ``stride`` slices, the last ending at its last slice. Starts are clipped
-    to the volume and de-duplicated.
+    ``mode="one"``: one window centred on the organ. ``"sliding"``: an organ shorter than a window gets
+    one window centred on it; a longer one gets windows from its first slice every ``stride`` slices,
+    the last ending at its last slice. Starts are clipped to the volume and de-duplicated.
     """
+    if mode not in ("one", "sliding"):
+        raise ValueError(f"windows must be 'one' or 'sliding', got {mode!r}")
     extent = z1 - z0 + 1
-    if extent <= depth:
+    if extent <= depth or mode == "one":
         starts = [(z0 + z1 + 1) // 2 - depth // 2]
     else:
         starts = list(range(z0, z1 - depth + 2, stride))
@@ -187,7 +194,7 @@ def process_case(spec, cfg: PrepareConfig, out_root: Path, split: str) -> dict[s
     lab = _crop_pad_hw(lab, sh, sw, cfg.size, np.uint8(0))
     affine = _translate(affine, 0, sh, sw)
 
-    starts = window_starts(int(organ_z[0]), int(organ_z[-1]), cfg.depth, cfg.window_stride, hu.shape[0])
+    starts = window_starts(int(organ_z[0]), int(organ_z[-1]), cfg.depth, cfg.window_stride, hu.shape[0], cfg.windows)
     imgs, masks, orgs, windows = [], [], [], []
     for s in starts:
         o = lab[s : s + cfg.depth]
@@ -254,7 +261,9 @@ def _settings_differ(path: Path, settings: dict[str, Any]) -> str:
     except json.JSONDecodeError:
         return f"{path.name} is unreadable"
     new = json.loads(json.dumps(settings))
-    flat_old = {**{k: v for k, v in old.items() if k != "config"}, **old.get("config", {})}
+    # a key the folder's settings predate (e.g. windows) had its default value then
+    defaults = json.loads(json.dumps(to_dict(PrepareConfig())))
+    flat_old = {**{k: v for k, v in old.items() if k != "config"}, **defaults, **old.get("config", {})}
     flat_new = {**{k: v for k, v in new.items() if k != "config"}, **new["config"]}
     keys = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
     return ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in keys)

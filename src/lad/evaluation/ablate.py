@@ -61,7 +61,7 @@ def _check_same_windows(data: Path, other: Path, name: str) -> None:
 
 
 def run_ablation(data: str | Path, out: str | Path, *, preset: str = "demo", variants: Sequence[str] = ("V0", "V1", "V2", "V3", "full"),
-                 overrides: list[str] | None = None, n_samples: int = 16, steps: int = 50, seed: int = 0, device: str = "cpu",
+                 overrides: list[str] | None = None, n_samples: int = 16, steps: int | None = None, seed: int = 0, device: str = "cpu",
                  features: str = "random-resnet10", segmenter: str | Path | None = None, n_pairs: int = 100,
                  priors_data: dict[str, str | Path] | None = None, seeds: int = 1, guidance: Sequence[float] = (1.0,),
                  masks: Sequence[str] = ("augmented", "original"), n_boot: int = 200) -> dict:

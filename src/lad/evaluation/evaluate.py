@@ -27,6 +27,7 @@ from lad.evaluation.crops import apply_box, max_bounding_box
 from lad.evaluation.diversity import pairwise_ms_ssim
 from lad.evaluation.memorisation import memorisation_report
 from lad.evaluation.realism import fid, mmd, prdc
+from lad.sampling.generate import selection_summary
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger
 
@@ -92,16 +93,19 @@ def _hu_hist(vols: list[np.ndarray], masks: list[np.ndarray], label_sel, bins: n
 
 def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, features: str = "random-resnet10",
              n_pairs: int = 400, seed: int = 0, device: str = "cpu", overwrite: bool = False,
-             segmenter: str | Path | None = None, n_boot: int = 200) -> dict[str, Any]:
+             segmenter: str | Path | None = None, ellipses: str = "least-squares", n_boot: int = 200) -> dict[str, Any]:
     """Compute every metric for each synthetic set against the real prepared dataset; write the report.
 
+    ``ellipses``: the MDS figure's, "least-squares" fits (the paper's) or "2-sigma" (``report.fit_ellipse``).
     ``features``: a ``lad features train`` folder (in-domain) or a ``FeatureExtractor.from_spec`` string.
     ``n_boot``: bootstrap replicates of each metric's 95 % interval (``X_ci95`` beside ``X``; 0 = none).
     """
+    from lad.evaluation.report import ELLIPSES
     from lad.evaluation.uncertainty import add_intervals, bootstrap_settings, mean_ci
-
     from lad.utils.atomic import prepare_output_dir
 
+    if ellipses not in ELLIPSES:
+        raise ValueError(f"ellipses must be one of {ELLIPSES}, got {ellipses!r}")
     t0 = time.perf_counter()
     out = prepare_output_dir(out, overwrite=overwrite, resume=True)
     real = Path(real)
@@ -141,7 +145,7 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
                      {k: v for k, v in fx.trained_on.items() if k != "windows"}, "bootstrap": bootstrap_settings(n_boot, seed),
                      "pretrained_features": fx.is_pretrained, "localized_box": [[s.start, s.stop] for s in box],
                      "ms_ssim": real_div.details, "n_pairs": n_pairs, "seed": seed, "hu_bins": bins.tolist(),
-                     "anatomy": ref.to_dict()},
+                     "anatomy": ref.to_dict(), "mds_ellipses": ellipses},
         "versions": _versions(),
     }
     embeds = {"real": f_real}
@@ -161,6 +165,7 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
             "memorisation": memorisation_report(f_syn, f_train, f_real),
             "hu_hist": {"organ": _hu_hist(vols, masks, lambda m: m == 1, bins)},
             "n_features_dim": r_fid.details["feature_dim"], "mmd_localized_bandwidth": l_mmd.details["bandwidth"],
+            "selection": selection_summary(Path(folder)),  # the optional median-HU redraws of `lad sample`
         }
         add_intervals(entry, f_real, f_syn, f_real_loc, f_syn_loc, ms_ssim_values=div.details["values"], n_boot=n_boot, seed=seed)
         scored = _score_set(ref, vols, masks, seg, device)
@@ -176,6 +181,11 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
         results["sets"][name] = entry
         embeds[name] = f_syn
         figures_data[name] = (vols, masks)
+    selections = {(e["selection"]["quality_check"], e["selection"]["max_retries"]) for e in results["sets"].values()}
+    results["settings"]["selection_identical"] = len(selections) <= 1
+    if len(selections) > 1:
+        log.warning("the synthetic sets were sampled with different median-HU selection settings: their metrics are not "
+                    "comparable (sample every set with the same --quality-check / --max-retries)")
     results["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "metrics.json", results)
     from lad.evaluation.report import closest_pairs_figure, write_report
@@ -183,7 +193,7 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     pairs = [(name, figures_data[name][0][p["synthetic"]], train_vols[p["train"]], p["distance"])
              for name, e in results["sets"].items() for p in e["memorisation"]["closest_pairs"][:2]]
     extra = {"Memorisation: closest synthetic-training pairs": closest_pairs_figure(pairs)} if pairs else {}
-    write_report(out, results, embeds, figures_data, (real_vols, real_masks), box, extra_figures=extra)
+    write_report(out, results, embeds, figures_data, (real_vols, real_masks), box, extra_figures=extra, ellipses=ellipses)
     log.info("evaluation written to %s (%.1f s)", out, results["seconds"])
     return results
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from lad.utils.atomic import write_text
 
-__all__ = ["write_report", "classical_mds"]
+__all__ = ["write_report", "classical_mds", "fit_ellipse", "ELLIPSES"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
@@ -28,6 +28,45 @@ def classical_mds(x: np.ndarray, dims: int = 2) -> np.ndarray:
     return v[:, order] * np.sqrt(np.clip(w[order], 0, None))
 
 
+ELLIPSES = ("least-squares", "2-sigma")
+
+
+def fit_ellipse(points: np.ndarray, kind: str = "least-squares") -> tuple[np.ndarray, tuple[float, float], float] | None:
+    """``(centre (2,), (semi-axis a, semi-axis b), angle of axis a in radians)`` of an ellipse for points (N, 2).
+
+    "least-squares": the direct least-squares fit of an ellipse to the points (Halir & Flusser, scikit-image's
+    ``EllipseModel``), as the paper's Figure 4 ("we fit an ellipse to the embedding with the least squares");
+    None when it fails (fewer than 5 points, degenerate). "2-sigma": the covariance ellipse at 2 standard
+    deviations (ours; None below 3 points).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    if kind == "2-sigma":
+        if len(pts) < 3:
+            return None
+        w, v = np.linalg.eigh(np.cov(pts.T))
+        return pts.mean(0), (2 * np.sqrt(max(w[-1], 0)), 2 * np.sqrt(max(w[0], 0))), float(np.arctan2(v[1, -1], v[0, -1]))
+    if kind != "least-squares":
+        raise ValueError(f"ellipses must be one of {ELLIPSES}, got {kind!r}")
+    if len(pts) < 5:
+        return None
+    from skimage.measure import EllipseModel
+
+    if hasattr(EllipseModel, "from_estimate"):  # scikit-image >= 0.26
+        m = EllipseModel.from_estimate(pts)
+        if not m:
+            return None
+        centre, axes, theta = m.center, m.axis_lengths, m.theta
+    else:
+        m = EllipseModel()
+        if not m.estimate(pts):
+            return None
+        xc, yc, a, b, theta = m.params
+        centre, axes = (xc, yc), (a, b)
+    if not np.all(np.isfinite([*centre, *axes, theta])):
+        return None
+    return np.asarray(centre, dtype=np.float64), (float(axes[0]), float(axes[1])), float(theta)
+
+
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -37,7 +76,7 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _mds_figure(embeds: dict[str, np.ndarray]) -> str:
+def _mds_figure(embeds: dict[str, np.ndarray], ellipses: str = "least-squares") -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,13 +94,11 @@ def _mds_figure(embeds: dict[str, np.ndarray]) -> str:
         s += len(embeds[n])
         c = _COLORS[i % len(_COLORS)]
         ax.scatter(pts[:, 0], pts[:, 1], s=14, color=c, label=f"{n} (N={len(pts)})", alpha=0.75)
-        if len(pts) > 2:
-            cov = np.cov(pts.T)
-            w, v = np.linalg.eigh(cov)
-            ang = np.degrees(np.arctan2(v[1, -1], v[0, -1]))
-            ax.add_patch(Ellipse(pts.mean(0), 4 * np.sqrt(max(w[-1], 0)), 4 * np.sqrt(max(w[0], 0)), angle=ang,
-                                 fill=False, color=c, lw=1.5))
-    ax.set_title("MDS of 3D features (2-sigma ellipses)")
+        fit = fit_ellipse(pts, ellipses)
+        if fit is not None:
+            centre, (a, b), theta = fit
+            ax.add_patch(Ellipse(centre, 2 * a, 2 * b, angle=np.degrees(theta), fill=False, color=c, lw=1.5))
+    ax.set_title(f"MDS of 3D features ({ellipses} ellipses)")
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -152,13 +189,19 @@ def _ci(value: float, ci: Any, fmt: str = ".4g") -> str:
     if not ci or len(ci) != 2 or not all(np.isfinite(ci)):
         return f"{value:{fmt}}"
     return f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+def _selection_text(sel: dict[str, Any] | None) -> str:
+    """The median-HU selection of a sample set, as the report shows it (``lad.sampling.generate.selection_summary``)."""
+    if not sel or not sel.get("quality_check"):
+        return "none"
+    return f"median HU, {sel['rejection_rate']:.0%} of {sel['draws']} draws rejected"
 
 
 def _table(results: dict[str, Any]) -> str:
     cols = [("FID", "fid"), ("MMD", "mmd"), ("FID loc.", "fid_localized"), ("MMD loc.", "mmd_localized"),
             ("MS-SSIM", "ms_ssim")]
     head = "".join(f"<th>{c}</th>" for c, _ in cols)
-    extra_head = "<th>precision</th><th>recall</th><th>coverage</th><th>memorised</th><th>fidelity Dice</th><th>N</th>"
+    extra_head = ("<th>precision</th><th>recall</th><th>coverage</th><th>memorised</th><th>fidelity Dice</th>"
+                  "<th>selection</th><th>N</th>")
     rows = []
     for name, e in results["sets"].items():
         cells = "".join(f"<td>{_ci(e[k], e.get(k + '_ci95'))}</td>" for _, k in cols)
@@ -166,13 +209,14 @@ def _table(results: dict[str, Any]) -> str:
         fd_txt = ", ".join(f"{k} {_ci(v, fd_ci.get(k), '.3f')}" for k, v in fd.items()) if fd else "n/a (no --segmenter)"
         pci = e.get("prdc_ci95", {})
         cells += ("".join(f"<td>{_ci(e['prdc'][q], pci.get(q), '.3f')}</td>" for q in ("precision", "recall", "coverage"))
-                  + f"<td>{e['memorisation']['n_flagged']}/{e['n']}</td><td>{html.escape(fd_txt)}</td><td>{e['n']}</td>")
+                  + f"<td>{e['memorisation']['n_flagged']}/{e['n']}</td><td>{html.escape(fd_txt)}</td>"
+                  f"<td>{html.escape(_selection_text(e.get('selection')))}</td><td>{e['n']}</td>")
         rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
     real = results["real"]
     fd, fd_ci = real.get("fidelity_dice"), real.get("fidelity_dice_ci95", {})
     fd_txt = html.escape(", ".join(f"{k} {_ci(v, fd_ci.get(k), '.3f')}" for k, v in fd.items()) + " (ceiling)") if fd else ""
     rows.append(f"<tr><th>real (held-out)</th><td colspan=4></td><td>{_ci(real['ms_ssim'], real.get('ms_ssim_ci95'))}</td>"
-                f"<td colspan=4></td><td>{fd_txt}</td><td>{real['n']}</td></tr>")
+                f"<td colspan=4></td><td>{fd_txt}</td><td></td><td>{real['n']}</td></tr>")
     return f"<table><tr><th></th>{head}{extra_head}</tr>{''.join(rows)}</table>"
 
 
@@ -245,8 +289,9 @@ def _reconstruction_table(results: dict[str, Any]) -> str:
 
 
 def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarray], sets: dict, real: tuple, box,
-                 title: str = "lad evaluation", preface: str = "", extra_figures: dict[str, str] | None = None) -> Path:
-    """Write ``out/report.html`` (self-contained: images embedded)."""
+                 title: str = "lad evaluation", preface: str = "", extra_figures: dict[str, str] | None = None,
+                 ellipses: str = "least-squares") -> Path:
+    """Write ``out/report.html`` (self-contained: images embedded); ``ellipses``: the MDS figure's (``fit_ellipse``)."""
     s = results["settings"]
     warn = "" if s["pretrained_features"] else (
         "<p class=warn><b>Untrained features</b>: a <b>random-initialised</b> 3D ResNet (no MedicalNet weights, no "
@@ -260,7 +305,10 @@ def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarra
     if boot and boot.get("replicates"):
         warn += (f"<p>Brackets: 95 % bootstrap intervals over volumes ({boot['replicates']} replicates, seed {boot['seed']}, "
                  "bias-corrected percentile); they show the sampling spread at this N, not the spread over training runs.</p>")
-    figs = {"MDS embedding (Figure 4 style)": _mds_figure(embeds),
+    if not s.get("selection_identical", True):
+        warn += ("<p class=warn>The synthetic sets were sampled with <b>different median-HU selection</b> settings (column "
+                 "'selection'): their metrics are not comparable.</p>")
+    figs = {f"MDS embedding (Figure 4 style, {ellipses} ellipses)": _mds_figure(embeds, ellipses),
             "Slices 25/50/75% and the organ region (Figure 5 style)": _slices_figure({**sets, "real": (real[0], real[1])}, box),
             "Intensity realism": _hist_figure(results), **(extra_figures or {})}
     fig_html = "".join(f"<h3>{html.escape(k)}</h3><img src='data:image/png;base64,{v}'>" for k, v in figs.items())

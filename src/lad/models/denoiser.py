@@ -2,12 +2,18 @@
 
 Conditioning (``cond_dim > 0``):
 
-- ``"embedding"`` (default, as the release): the condition vector goes through an MLP
+- ``"embedding"`` (default; ours, not the release's): the condition vector goes through an MLP
   (cond_dim -> 4 * channels[0] -> 4 * channels[0]) and is ADDED to the time embedding, which every
-  residual block receives. MONAI's forward already adds ``class_embedding(class_labels)`` to the time
-  embedding when ``num_class_embeds`` is set, so we enable that path and replace its ``nn.Embedding``
-  by the MLP; the continuous vector is passed as ``class_labels``. No subclass or copy of MONAI's
-  forward is needed.
+  residual block receives (as MAISI embeds its scalar conditions). MONAI's forward already adds
+  ``class_embedding(class_labels)`` to the time embedding when ``num_class_embeds`` is set, so we enable
+  that path and replace its ``nn.Embedding`` by the MLP; the continuous vector is passed as
+  ``class_labels``. No subclass or copy of MONAI's forward is needed.
+- ``"concat"`` (the public release's): the raw condition vector is CONCATENATED to the time embedding
+  (after the time MLP), and each residual block's projection of the embedding (SiLU, then linear to
+  its width) sees ``[time, condition]``: width 4 * channels[0] + cond_dim. Built on the same MONAI path:
+  the time MLP's output is zero-padded on the right by cond_dim, the class embedding places the
+  condition in those slots (zeros on the left), so MONAI's sum is the concatenation; every block's
+  ``time_emb_proj`` is widened to take it.
 - ``"cross_attention"``: a linear map turns the condition into ``num_context_tokens`` tokens of width
   ``context_dim`` that MONAI's transformer blocks attend to (at the attention levels and the middle
   block). One token would make the softmax trivial (a spatially constant bias), hence several.
@@ -46,7 +52,20 @@ from lad.models.base import PretrainedMixin, register_to_config
 
 __all__ = ["LatentDenoiser", "CONDITIONING_MODES"]
 
-CONDITIONING_MODES = ("embedding", "cross_attention")
+CONDITIONING_MODES = ("embedding", "concat", "cross_attention")
+
+
+class _PlaceAt(nn.Module):
+    """``inner(x)`` written into slots ``[start, start + n)`` of a zero vector of width ``width``: MONAI adds the
+    class embedding to the time embedding, and the sum of two of these with disjoint slots is a concatenation."""
+
+    def __init__(self, inner: nn.Module, start: int, width: int):
+        super().__init__()
+        self.inner, self.start, self.width = inner, start, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        return F.pad(y, (self.start, self.width - self.start - y.shape[-1]))
 
 
 class LatentDenoiser(PretrainedMixin, nn.Module):
@@ -61,7 +80,8 @@ class LatentDenoiser(PretrainedMixin, nn.Module):
         num_head_channels: channels per attention head.
         norm_num_groups: GroupNorm groups (must divide every width).
         cond_dim: size of the condition vector (ConditionExtractor.cond_dim); 0 = unconditional.
-        conditioning: "embedding" (added to the time embedding) or "cross_attention".
+        conditioning: "embedding" (an MLP's output added to the time embedding; ours), "concat" (the raw
+            vector concatenated to the time embedding; the release's) or "cross_attention".
         num_context_tokens / context_dim: cross-attention tokens made from the condition.
     """
 
@@ -80,7 +100,7 @@ class LatentDenoiser(PretrainedMixin, nn.Module):
                              f"{num_context_tokens}, {context_dim}")
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
         self.cond_dim, self.conditioning = cond_dim, conditioning
-        embed = cond_dim > 0 and conditioning == "embedding"
+        embed = cond_dim > 0 and conditioning in ("embedding", "concat")
         cross = cond_dim > 0 and conditioning == "cross_attention"
         self.unet = DiffusionModelUNet(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
@@ -89,9 +109,15 @@ class LatentDenoiser(PretrainedMixin, nn.Module):
             with_conditioning=cross, cross_attention_dim=context_dim if cross else None,
             num_class_embeds=1 if embed else None,
         )
-        if embed:
-            width = channels[0] * 4  # MONAI's time-embedding width
+        width = channels[0] * 4  # MONAI's time-embedding width
+        if embed and conditioning == "embedding":
             self.unet.class_embedding = nn.Sequential(nn.Linear(cond_dim, width), nn.SiLU(), nn.Linear(width, width))
+        if embed and conditioning == "concat":
+            self.unet.time_embed = _PlaceAt(self.unet.time_embed, 0, width + cond_dim)
+            self.unet.class_embedding = _PlaceAt(nn.Identity(), width, width + cond_dim)
+            for block in self.unet.modules():
+                if isinstance(getattr(block, "time_emb_proj", None), nn.Linear):
+                    block.time_emb_proj = nn.Linear(width + cond_dim, block.time_emb_proj.out_features)
         if cross:
             self.context_proj = nn.Linear(cond_dim, num_context_tokens * context_dim)
             self.num_context_tokens, self.context_dim = num_context_tokens, context_dim
@@ -120,7 +146,7 @@ class LatentDenoiser(PretrainedMixin, nn.Module):
                 raise ValueError("this denoiser is conditional: pass cond (or the null condition)")
             if cond.shape != (b, self.cond_dim):
                 raise ValueError(f"cond must be (B, cond_dim) = ({b}, {self.cond_dim}), got shape {tuple(cond.shape)}")
-            if self.conditioning == "embedding":
+            if self.conditioning in ("embedding", "concat"):
                 kwargs["class_labels"] = cond
             else:
                 kwargs["context"] = self.context_proj(cond).view(b, self.num_context_tokens, self.context_dim)

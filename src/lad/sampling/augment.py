@@ -33,15 +33,19 @@ log = get_logger(__name__)
 class AugmentConfig:
     """Parameters of the condition augmentation (all in the mask's (D, H, W) voxel frame).
 
-    Defaults follow the paper (flip + affine + elastic) with the magnitudes MAISI uses for mask
-    augmentation: small rotation/scale/translation, elastic sigma 5-8 and magnitude
-    100-200 voxels at 256 x 256 in-plane (scaled here by ``elastic_reference_size``).
+    Defaults follow the paper (flip + affine + elastic; section 3.4.1 names no magnitudes) with the
+    magnitudes MAISI uses for mask augmentation: small in-plane rotation, scale and translation, elastic
+    sigma 5-8 and magnitude 100-200 voxels at 256 x 256 in-plane (scaled here by ``elastic_reference_size``).
+    A record keeps its angles, so manifests written before the rotation axis was corrected (their third
+    entry tilted the volume) still replay exactly.
     """
 
     flip_prob: float = 0.5
     """Probability of a left-right flip (W axis). A left-right flip mirrors the anatomy; set 0 to keep situs."""
-    rotate_range: tuple[float, float, float] = (0.0, 0.0, math.radians(15))
-    """Maximum absolute rotation in radians about the (D, H, W) axes; the last rotates in the axial plane."""
+    rotate_range: tuple[float, float, float] = (math.radians(15), 0.0, 0.0)
+    """Maximum absolute rotation in radians about the D, H and W axes (MONAI's ``Affine(rotate_params=...)``:
+    entry ``i`` rotates in the plane of the other two axes). The first rotates within each axial (H-W) slice;
+    the second and third tilt the volume through its slices (D-W and D-H planes)."""
     scale_range: tuple[float, float, float] = (0.0, 0.1, 0.1)
     """Maximum relative scale change per axis (0.1 = +-10 %)."""
     translate_range: tuple[float, float, float] = (0.0, 0.05, 0.05)

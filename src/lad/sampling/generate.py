@@ -2,20 +2,29 @@
 
 For sample ``j`` (``0 <= j < n``): seed ``derive_seed(seed, j)``, source mask ``j % len(masks)``,
 Locality Condition Augmentation drawn from that seed, conditions through the Condition Extractor,
-classifier-free guidance, decoding, a per-sample quality check (median HU inside the conditioned
-organ within the range seen in the training data, redrawn up to ``max_retries`` times), then the
-NIfTI files and, last, the sample's record (see ``lad.sampling.writer``).
+classifier-free guidance, decoding, then the NIfTI files and, last, the sample's record (see
+``lad.sampling.writer``). Sampler, steps and guidance not given come from the run's ``sampling``
+section (``RUN/config.yaml``: the paper presets sample with DDPM-300, the demo and tiny presets with
+our DDIM-50).
+
+Optional selection (``quality_check``, off by default; not in the paper): a sample whose median HU
+inside the conditioned organ lies outside the range seen in the training data is redrawn, up to
+``max_retries`` times. It biases every metric toward plausible-looking samples, so when it is on the
+manifest records every redraw, ``selection_summary`` gives the rejection rate, and ``lad evaluate``
+writes it into metrics.json and the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from lad.sampling.augment import NO_AUGMENTATION, AugmentConfig, augment_mask
 from lad.sampling.masks import MaskItem, MaskSource
@@ -23,7 +32,7 @@ from lad.sampling.writer import SampleFolder, parse_shard, shard_indices
 from lad.utils.log import get_logger, progress
 from lad.utils.seed import derive_seed
 
-__all__ = ["SampleSettings", "generate_samples", "quality_range", "median_hu_ok"]
+__all__ = ["SampleSettings", "generate_samples", "resolve_settings", "selection_summary", "quality_range", "median_hu_ok"]
 
 log = get_logger(__name__)
 
@@ -34,13 +43,45 @@ class SampleSettings:
 
     n: int = 16
     augment: str = "paper"  # "paper" | "none"
-    guidance: float = 1.0
-    sampler: str = "ddim"
-    steps: int = 50
+    guidance: float | None = None
+    """w of eq. (4); None: the run's ``sampling.guidance`` (1.0 in every shipped preset)."""
+    sampler: str | None = None
+    """"ddpm" | "ddim"; None: the run's ``sampling.sampler`` (paper presets: ddpm; demo, tiny: ddim, ours)."""
+    steps: int | None = None
+    """Timesteps evenly spaced over the training steps (at most all of them), for either sampler; None: the
+    run's ``sampling.steps`` (paper presets: 300; demo, tiny: 50)."""
     seed: int = 0
     format: str = "nifti"  # "nifti" | "npy"
     max_retries: int = 3
-    quality_check: bool = True
+    quality_check: bool = False
+    """Median-HU selection (redraws up to ``max_retries``); not in the paper, off by default."""
+
+
+def resolve_settings(settings: SampleSettings, run: str | Path) -> SampleSettings:
+    """``settings`` with ``sampler``, ``steps`` and ``guidance`` left None taken from the ``sampling`` section of
+    ``RUN/config.yaml`` (``lad.training.config.SamplingConfig``; its defaults for a run saved without one)."""
+    from lad.config import from_dict
+    from lad.training.config import SamplingConfig
+
+    f = Path(run) / "config.yaml"
+    saved = (yaml.safe_load(f.read_text()) or {}).get("sampling") if f.exists() else None
+    run_cfg = from_dict(SamplingConfig, saved or {}, _where=f"{f}: sampling")
+    keys = ("sampler", "steps", "guidance")
+    return dataclasses.replace(settings, **{k: getattr(run_cfg, k) for k in keys if getattr(settings, k) is None})
+
+
+def selection_summary(folder: str | Path) -> dict[str, Any]:
+    """What the median-HU selection did in a sample folder: ``{"quality_check", "max_retries", "draws",
+    "rejected", "rejection_rate", "kept_out_of_range"}`` (rate = rejected draws / all draws; 0 when off)."""
+    folder = SampleFolder(folder)
+    settings = json.loads((folder.root / SampleFolder.SETTINGS).read_text())
+    quality = [r.get("quality") or {} for r in folder.read_manifest()]
+    rejected = sum(int(q.get("redraws", 0)) for q in quality)
+    draws = len(quality) + rejected
+    on = bool(settings.get("quality_check", False))
+    return {"quality_check": on, "max_retries": int(settings.get("max_retries", 0)) if on else 0, "draws": draws,
+            "rejected": rejected, "rejection_rate": rejected / draws if draws else 0.0,
+            "kept_out_of_range": sum(1 for q in quality if on and q.get("in_range") is False)}
 
 
 def quality_range(fingerprint: dict | None, organ: str = "pancreas") -> tuple[float, float] | None:
@@ -110,6 +151,9 @@ def generate_samples(
     # long timeout (ranks finish their shards at different times)
     torchrun = shard is None and ddist.env_world()[1] > 1
     dev = ddist.init_distributed(device, backend="gloo", timeout_min=24 * 60) if torchrun else ddist.local_device(device)
+    settings = resolve_settings(settings, run)
+    if settings.sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"--sampler must be ddpm or ddim, got {settings.sampler!r}")
     pipe = LadPipeline.from_run(run, device=str(dev))
     stats = pipe.latent_stats
     source = MaskSource(masks, shape=pipe.image_shape, spacing=stats.get("spacing"))
@@ -150,8 +194,8 @@ def generate_samples(
             hu = pipe.to_hu(vols)[:, 0]
             still = []
             for row, k in enumerate(pending):
-                ok, med = median_hu_ok(hu[row], conds[k], hu_range) if settings.quality_check else (True, None)
-                if ok or attempts[k] >= settings.max_retries:
+                ok, med = median_hu_ok(hu[row], conds[k], hu_range)
+                if ok or not settings.quality_check or attempts[k] >= settings.max_retries:
                     results[k] = (hu[row], med, ok)
                 else:
                     attempts[k] += 1
@@ -165,7 +209,8 @@ def generate_samples(
                 "id": f"sample_{j:06d}", "index": j, "seed": seeds[k], "source_mask": items[k].source,
                 "source_id": items[k].id, "augmentation": records[k], "sampler": settings.sampler,
                 "steps": settings.steps, "guidance": settings.guidance, "checkpoint_hash": pipe.checkpoint_hash,
-                "quality": {"median_hu": med, "in_range": ok, "range": hu_range, "redraws": attempts[k]},
+                "quality": {"check": settings.quality_check, "median_hu": med, "in_range": ok, "range": hu_range,
+                            "redraws": attempts[k]},
                 "files": files,
             })
             done += 1
@@ -179,5 +224,6 @@ def generate_samples(
     secs = time.perf_counter() - t0
     summary = {"written": done, "redrawn": redrawn, "finished_total": total, "requested": settings.n,
                "seconds": round(secs, 2), "seconds_per_volume": round(secs / max(done, 1), 3)}
-    log.info("sampled %d volumes (%d redraws) in %.1f s; %d/%d finished in %s", done, redrawn, secs, total, settings.n, out)
+    log.info("sampled %d volumes (%s-%d, w = %g; %d median-HU redraws) in %.1f s; %d/%d finished in %s", done,
+             settings.sampler.upper(), settings.steps, settings.guidance, redrawn, secs, total, settings.n, out)
     return summary

@@ -112,6 +112,8 @@ class LadPipeline:
         """Generate one CT volume per mask.
 
         masks: ``(B, 1, D, H, W)`` uint8 in {0, 1, 2} on the model's grid; seeds: one int per sample.
+        sampler / steps: the defaults, DDIM with 50 steps, are ours; the paper samples with ``sampler="ddpm",
+        steps=300`` (what ``lad sample`` takes from the run's ``sampling`` section for the paper presets).
         Returns ``(B, 1, D, H, W)`` float32 in [0, 1] (HU [-1000, 400]) on the pipeline's device.
         """
         from lad.models.guidance import guided_epsilon

@@ -135,6 +135,7 @@ def check_resume_config(run: Path, cfg, sections: tuple[str, ...]) -> None:
     if not f.exists():
         return
     saved, new = yaml.safe_load(f.read_text()) or {}, to_dict(cfg)
+    defaults = to_dict(type(cfg)())  # a key the run's config predates had its default value then
     for sec in sections:
         if sec not in saved:
             continue
@@ -143,7 +144,7 @@ def check_resume_config(run: Path, cfg, sections: tuple[str, ...]) -> None:
             if a != b:
                 raise ValueError(f"{f}: --resume with {sec}={b!r}, but the run was started with {sec}={a!r}")
             continue
-        a, b = dict(a), dict(b or {})
+        a, b = {**defaults.get(sec, {}), **a}, dict(b or {})
         a.pop("steps", None), b.pop("steps", None)
         a, b = yaml.safe_load(yaml.safe_dump(a)), yaml.safe_load(yaml.safe_dump(b))  # tuples vs lists
         if a != b:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from lad.config import apply_overrides, load_preset
 
-__all__ = ["TrainConfig", "VARIANTS", "resolve_train_config"]
+__all__ = ["TrainConfig", "SamplingConfig", "VARIANTS", "resolve_train_config"]
 
 VARIANTS = ("V0", "V1", "V2", "V3", "full")
 
@@ -60,7 +60,10 @@ class DenoiserConfig:
     num_res_blocks: int = 2
     num_head_channels: int = 32
     norm_num_groups: int = 32
-    conditioning: Literal["embedding", "cross_attention"] = "embedding"
+    conditioning: Literal["embedding", "concat", "cross_attention"] = "embedding"
+    """How the condition vector enters (``lad.models.denoiser``): "embedding", an MLP's output added to the time
+    embedding (ours, the default); "concat", the raw vector concatenated to it (the public release's);
+    "cross_attention"."""
 
 
 @dataclasses.dataclass
@@ -74,8 +77,41 @@ class DiffusionTrainConfig:
     # what the denoiser predicts: "epsilon" (the paper), "v_prediction" or "sample" (x0)
     prediction: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     ema_decay: float = 0.995
+    ema_every: int = 1
+    """Update the EMA on every ``ema_every``-th step (``lad.training.ema.ema_step``). Ours: 1, from step 0
+    (``ema_start``), so short schedules (demo: 1200 steps) get an average at all; the release (paper presets):
+    every 10 steps from step 2000, a plain copy of the weights before."""
+    ema_start: int = 0
+    beta_max: float = 0.999
+    """Clip of the cosine betas. Ours: 0.999 (Nichol & Dhariwal's and MONAI's value; the last alpha_bar of a
+    300-step schedule is 2.7e-8); the release (paper presets): 0.9999 (2.7e-9)."""
     p_uncond: float = 0.25
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.ema_every < 1 or self.ema_start < 0:
+            raise ValueError(f"ema_every must be >= 1 and ema_start >= 0, got {self.ema_every} and {self.ema_start}")
+        if not 0.0 < self.beta_max < 1.0:
+            raise ValueError(f"beta_max must be in (0, 1), got {self.beta_max}")
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """How ``lad sample`` samples this run when its command line does not say (``RUN/config.yaml``).
+
+    The paper (sections 3.3.1, 3.4.2, 4.1.3) samples with DDPM over all of its 300 steps at guidance w = 1:
+    the paper presets. The default, DDIM with 50 steps, is ours (deterministic, 6x fewer denoiser passes);
+    the demo and tiny presets use it. Either sampler takes ``steps`` timesteps evenly spaced over the
+    training steps (DDPM with fewer steps than it was trained with is respaced DDPM, Nichol & Dhariwal 2021).
+    """
+
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    steps: int = 50
+    guidance: float = 1.0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"sampling steps must be >= 1, got {self.steps}")
 
 
 @dataclasses.dataclass
@@ -107,6 +143,7 @@ class TrainConfig:
     diffusion_train: DiffusionTrainConfig = dataclasses.field(default_factory=DiffusionTrainConfig)
     condition: ConditionConfig = dataclasses.field(default_factory=ConditionConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
 
     @property
     def conditional(self) -> bool:

@@ -28,7 +28,7 @@ from lad.training.common import (Logger, NonFiniteGuard, autocast, batch_indices
 from lad.training.config import TrainConfig
 from lad.training.parallel import check_global_batch, shard_batch, wrap_ddp
 from lad.utils.distributed import get_rank, get_world_size, init_distributed
-from lad.training.ema import make_ema
+from lad.training.ema import ema_step, make_ema
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger, is_main_process, progress
 
@@ -140,7 +140,8 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     scale = torch.tensor(stats["scale"], device=dev).view(1, -1, 1, 1, 1)
 
     ema = make_ema(net, decay=t.ema_decay)
-    scheduler = DDPMScheduler(num_train_timesteps=t.timesteps, schedule=t.schedule, prediction_type=t.prediction)
+    scheduler = DDPMScheduler(num_train_timesteps=t.timesteps, schedule=t.schedule, prediction_type=t.prediction,
+                              beta_max=t.beta_max)
     # data parallel (torchrun): DDP on the denoiser + Condition Extractor; the module itself outside torchrun
     train_step = wrap_ddp(_DiffusionStep(net, scheduler, guidance.diffusion_loss, guidance.drop_condition, p_uncond=t.p_uncond,
                                          loss=t.loss, shard=(get_rank(), get_world_size())), dev)
@@ -176,7 +177,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
         g_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip, foreach=True)
         if guard.ok(loss, step, None if scaler.is_enabled() else g_norm):
             scaler.step(opt)
-            ema.update_parameters(net)
+            ema_step(ema, net, step, every=t.ema_every, start=t.ema_start)
             logs["grad_norm"] = g_norm.detach()
             logger.accumulate(logs)
         else:
