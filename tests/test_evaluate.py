@@ -47,7 +47,7 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
     assert m["sets"]["noaug"]["selection"]["quality_check"] is False and m["settings"]["selection_identical"] is False
     box = m["settings"]["localized_box"]
     assert len(box) == 3 and all(0 <= a < b for a, b in box)
-    html = (tmp_path / "rep" / "report.html").read_text()
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     assert len(re.findall(r"data:image/png;base64,", html)) == 4 and "random-initialised" in html  # MDS, slices, HU, closest pairs
     assert "Anatomy and realism checks" in html and "VQ-GAN reconstruction (held-out windows)" in html
     assert f"median HU, {sel['rejection_rate']:.0%} of {sel['draws']} draws rejected" in html

@@ -116,3 +116,19 @@ def test_nan_guard_skips_then_stops_without_checkpoint(handmade_prepared, tmp_pa
     assert not (tmp_path / "r" / "vqgan").exists()
     w = load_file(str(ck / "step_0000003" / "vqgan.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+
+
+def test_lr_schedule_warm_up_then_cosine_to_zero():
+    """Hand-computed values: warm-up 1/4, 2/4, ... of the peak, half the peak midway through the decay, 0 at the end."""
+    import math
+    import types
+
+    from lad.training.vqgan_trainer import lr_at
+
+    t = types.SimpleNamespace(lr=1e-3, steps=104, lr_warmup=4, lr_schedule="cosine")
+    assert [lr_at(s, t) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lr_at(4, t) == pytest.approx(1e-3)
+    assert lr_at(54, t) == pytest.approx(5e-4)
+    assert lr_at(29, t) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 25 / 100)))
+    assert lr_at(104, t) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(50, types.SimpleNamespace(lr=3e-4, steps=100, lr_warmup=10, lr_schedule="constant")) == 3e-4

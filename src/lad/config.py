@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -42,6 +43,10 @@ def to_dict(cfg: Any) -> dict:
             return str(v)
         return v
     return conv(cfg)
+
+
+# integer settings that count work: at least 1 in every config (training steps, batch sizes)
+_COUNTS = ("steps", "batch_size", "sw_batch_size")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -100,14 +105,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
         if f != int(f):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if where.rpartition(".")[2] in _COUNTS and f < 1:  # zero steps or batches would train nothing
+            raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}")
         return int(f)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):  # NaN and inf parse as floats, but no setting means them
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return out
     if tp is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")

@@ -14,6 +14,7 @@ import logging
 import sys
 
 from lad import __version__
+from lad.utils.atomic import OutputExistsError
 from lad.utils.log import configure_logging, get_logger, set_progress_enabled
 
 # Verb modules in the order the method runs; a module not written yet is simply absent.
@@ -33,6 +34,17 @@ VERB_MODULES = [
 
 # Errors a user can act on: print the message alone, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, KeyError)
+
+
+def _os_error_line(e: OSError) -> str:
+    """``PATH: reason`` for an OS error (``[Errno 28] No space left on device: 'x'`` -> ``x: No space left on device``)."""
+    if not e.strerror:
+        return str(e)
+    where = e.filename if e.filename is not None else None
+    if where is None:
+        return e.strerror
+    tail = f" -> {e.filename2}" if e.filename2 is not None else ""
+    return f"{where}{tail}: {e.strerror}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "no_progress", False):
         set_progress_enabled(False)
     try:
+        if isinstance(getattr(args, "device", None), str):
+            from lad.cli._args import check_device
+
+            check_device(args.device)
         rc = args.func(args)
     except KeyboardInterrupt:
         get_logger().error("interrupted")
@@ -74,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, OSError) and e.strerror and not isinstance(e, OutputExistsError):
+            msg = _os_error_line(e)
         print(f"lad {args.verb}: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # full disk, read-only or missing folder, ...: the path and the OS's reason
+        if args.verbose:
+            raise
+        print(f"lad {args.verb}: error: {_os_error_line(e)}", file=sys.stderr)
         return 2
     return int(rc or 0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="Table 2 in one command: V0/V1/V2/V3/full trained, sampled and evaluated",
@@ -14,11 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="demo")
     p.add_argument("--variants", default="V0,V1,V2,V3,full", help="comma-separated subset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--n", type=int, default=16, help="samples per variant")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's sampling section)")
+    p.add_argument("--n", type=positive_int, default=16, help="samples per variant")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the preset's sampling section)")
     p.add_argument("--features", default="random-resnet10")
     p.add_argument("--segmenter", help="segmenter folder for the conditioning-fidelity Dice and the anatomy-present check")
-    p.add_argument("--pairs", type=int, default=100)
+    p.add_argument("--pairs", type=positive_int, default=100)
     p.add_argument("--priors-data", action="append", default=[], metavar="NAME=PREPARED",
                    help="also train each variant on this prepared version of the same windows whose masks are priors "
                    "(e.g. from a weaker segmenter); rows are named VARIANT@NAME (repeatable)")

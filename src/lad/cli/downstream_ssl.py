@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import finite_float, positive_int
+
 
 def register(parts: argparse._SubParsersAction) -> None:
     p = parts.add_parser(
@@ -20,10 +22,10 @@ def register(parts: argparse._SubParsersAction) -> None:
                    help="number of synthetic volumes in the training set (their slices join the real ones; every slice "
                    "equally likely), or a comma-separated list for a set-size sweep, e.g. 0,8,16 (one model set per size, "
                    "sweep.csv/.md/.png). Default with real+synthetic: --synthetic-ratio 0.2; with synthetic: all volumes")
-    p.add_argument("--synthetic-ratio", type=float, metavar="R",
+    p.add_argument("--synthetic-ratio", type=finite_float(0.0), metavar="R",
                    help="real+synthetic: N = round(R x the number of real training windows) synthetic volumes (default 0.2, "
                    "the paper's 'about 20%% of the training set')")
-    p.add_argument("--synthetic-episode-fraction", "--synthetic-fraction", dest="synthetic_episode_fraction", type=float,
+    p.add_argument("--synthetic-episode-fraction", "--synthetic-fraction", dest="synthetic_episode_fraction", type=finite_float(0.0, 1.0),
                    metavar="P", help="real+synthetic: instead of the set composition, draw each training episode from the "
                    "synthetic volumes with probability P (--synthetic-fraction is the old name)")
     p.add_argument("--test-scans", choices=["original", "windows"], default="original",
@@ -32,7 +34,7 @@ def register(parts: argparse._SubParsersAction) -> None:
                    "together (most of each organ outside the pancreas windows is missing)")
     p.add_argument("--setting", type=int, choices=[1, 2], default=1,
                    help="1: all training slices; 2: training slices containing the test organ excluded (one model per organ)")
-    p.add_argument("--runs", type=int, default=5, help="training runs with seeds seed..seed+runs-1 (default 5)")
+    p.add_argument("--runs", type=positive_int, default=5, help="training runs with seeds seed..seed+runs-1 (default 5)")
     p.add_argument("--preset", default="demo", help="paper | demo | tiny | a YAML file (default demo)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder")
     p.add_argument("--backbone-weights", metavar="PATH", help="local torchvision DeepLabV3/ResNet checkpoint for the backbone "

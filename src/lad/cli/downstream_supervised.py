@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import finite_float
+
 
 def register(parts: argparse._SubParsersAction) -> None:
     p = parts.add_parser(
@@ -15,7 +17,7 @@ def register(parts: argparse._SubParsersAction) -> None:
         "See docs/downstream-supervised.md.")
     p.add_argument("--data", required=True, help="prepared dataset folder (`lad prepare`) with train and test splits")
     p.add_argument("--synthetic", help="`lad sample` output folder on the same grid (without it: the real arm only)")
-    p.add_argument("--synthetic-multiple", type=float, metavar="K",
+    p.add_argument("--synthetic-multiple", type=finite_float(0.0), metavar="K",
                    help="synthetic volumes per real training window, the real:synthetic ratio (capped by what the folder "
                    "holds; default: the preset's synthetic_multiple, 3 = the supplement's 3x)")
     p.add_argument("--synthetic-volumes", metavar="N[,N...]",

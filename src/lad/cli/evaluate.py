@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate synthetic volumes against real ones (FID, MMD, MS-SSIM, ...)",
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="FEATURES_DIR from `lad features train` (in-domain), medicalnet-resnet{10,18,34,50}:/path/weights.pth, "
                    "or random-resnetN (default; labelled 'untrained features')")
     p.add_argument("--segmenter", help="segmenter folder (lad priors train) for the conditioning-fidelity Dice and the anatomy-present check")
-    p.add_argument("--pairs", type=int, default=400, help="MS-SSIM pairs (default 400)")
+    p.add_argument("--pairs", type=positive_int, default=400, help="MS-SSIM pairs (default 400)")
     p.add_argument("--bootstrap", type=int, default=200, help="replicates of each metric's 95 %% bootstrap interval (0: none)")
     p.add_argument("--ellipses", choices=["least-squares", "2-sigma"], default="least-squares",
                    help="MDS figure: least-squares ellipse fits (the paper's Figure 4, default) or 2-sigma covariance ellipses")

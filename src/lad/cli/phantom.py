@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import finite_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="generate the procedural abdominal CT phantom dataset (no download)",
@@ -11,12 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "images in HU + Case_XXXXX.nii.gz masks with 1 liver, 2 kidney, 3 spleen, 4 pancreas, 5 pancreatic "
                        "tumour), reproducible from the seed.")
     p.add_argument("out_dir")
-    p.add_argument("--n", type=int, default=20, help="number of subjects (default 20)")
+    p.add_argument("--n", type=positive_int, default=20, help="number of subjects (default 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tumor-fraction", type=float, default=0.3, help="fraction of subjects with a pancreatic tumour")
-    p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.5), metavar=("X", "Y", "Z"), help="mm (default 1.5 1.5 2.5)")
-    p.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="in-plane grid (default 256 256)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--tumor-fraction", type=finite_float(0.0, 1.0), default=0.3, help="fraction of subjects with a pancreatic tumour")
+    p.add_argument("--spacing", type=finite_float(0.0, lo_open=True), nargs=3, default=(1.5, 1.5, 2.5), metavar=("X", "Y", "Z"), help="mm (default 1.5 1.5 2.5)")
+    p.add_argument("--size", type=positive_int, nargs=2, default=(256, 256), metavar=("H", "W"), help="in-plane grid (default 256 256)")
+    p.add_argument("--workers", type=positive_int, default=1)
     p.add_argument("--preview", action="store_true", help="also write preview.png (a montage of a few subjects)")
     p.add_argument("--overwrite", action="store_true")
     from lad.cli import add_common_flags

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import finite_float, nonneg_int, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,22 +20,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="dataset folder (or the CSV for --layout pairs)")
     p.add_argument("--output", required=True, help="prepared dataset folder to write")
     p.add_argument("--preset", default="paper-abdomenct1k", help="paper-abdomenct1k | paper-totalsegmentator | demo | tiny | a YAML file")
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target spacing in mm")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="in-plane size after crop/pad")
-    p.add_argument("--depth", type=int, help="window depth D")
+    p.add_argument("--spacing", type=finite_float(0.0, lo_open=True), nargs=3, metavar=("X", "Y", "Z"), help="target spacing in mm")
+    p.add_argument("--size", type=positive_int, nargs=2, metavar=("H", "W"), help="in-plane size after crop/pad")
+    p.add_argument("--depth", type=positive_int, help="window depth D")
     p.add_argument("--windows", choices=["one", "sliding"],
                    help="one window per case centred on the organ (the paper's; paper presets) or overlapping windows "
                    "every --stride slices (demo, tiny)")
-    p.add_argument("--stride", type=int, help="window stride along z with --windows sliding (default D/2)")
+    p.add_argument("--stride", type=nonneg_int, help="window stride along z with --windows sliding (default D/2)")
     p.add_argument("--organ", choices=["liver", "kidney", "spleen", "pancreas"], help="organ of interest (default pancreas)")
     p.add_argument("--require", nargs="+", metavar="ORGAN",
                    help="organs that must be present and not cut short by the scan (else the volume is dropped), "
                    "e.g. liver,kidney,spleen,pancreas (the paper's TotalSegmentator filter)")
     p.add_argument("--label-map", help="pairs layout: organ=value list, e.g. liver=5,spleen=1,kidney=2+3,pancreas=7,tumor=9")
     p.add_argument("--priors", help="folder of predicted label maps (<case_id>.nii.gz) for cases without labels")
-    p.add_argument("--split", type=float, help="training fraction by patient (default 0.8)")
+    p.add_argument("--split", type=finite_float(0.0, 1.0, lo_open=True), help="training fraction by patient (default 0.8)")
     p.add_argument("--seed", type=int, help="split seed (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="parallel patients")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel patients")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lad.cli._args import finite_float, nonneg_int, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -17,28 +19,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run folder written by `lad train vqgan` + `lad train diffusion` (--run-dir: the same, for torchrun, "
                    "whose own parser rejects --run as an ambiguous abbreviation)")
     p.add_argument("--masks", required=True, help="prepared dataset, folder of NIfTI masks, or folder of .npy masks (public release format)")
-    p.add_argument("--n", "--num-samples", dest="n", type=int, required=True,
+    p.add_argument("--n", "--num-samples", dest="n", type=positive_int, required=True,
                    help="number of samples (--num-samples: the same, for torchrun, whose parser rejects --n as ambiguous)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--augment", choices=["paper", "none"], default="paper", help="Locality Condition Augmentation (default: paper)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=finite_float(-1.0, 100.0), default=None,
                    help="classifier-free guidance weight w of eq. (4) (default: the run's, 1.0 in every preset)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
                    help="ddpm: ancestral, the paper's; ddim: deterministic (eta 0), ours. Default: the run's sampling section "
                    "(RUN/config.yaml): ddpm for the paper presets, ddim for demo and tiny")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timesteps evenly spaced over the training steps, for either sampler; more than the training steps "
-                   "are reduced to them, and DDPM with fewer is respaced DDPM. Default: the run's (paper presets 300, "
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="timesteps evenly spaced over the training steps, for either sampler; at most the training steps (more is "
+                   "refused); DDPM with fewer is respaced DDPM. Default: the run's (paper presets 300, "
                    "demo and tiny 50)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--shard", default=None, help="i/k: this process makes samples j with j %% k == i (default: torchrun rank)")
     p.add_argument("--format", choices=["nifti", "npy"], default="nifti", help="npy writes the public release's layout")
     p.add_argument("--quality-check", action=argparse.BooleanOptionalAction, default=False,
                    help="redraw a sample whose median HU inside the organ lies outside the training data's range (not in "
                    "the paper: it selects plausible-looking samples; recorded in the manifest, rejection rate in "
                    "`lad evaluate`'s report; default off)")
-    p.add_argument("--max-retries", type=int, default=3, help="with --quality-check: redraws of a failing sample (default 3)")
+    p.add_argument("--max-retries", type=nonneg_int, default=3, help="with --quality-check: redraws of a failing sample (default 3)")
     p.add_argument("--preview", action="store_true", help="also write preview.png (slices 8/16/24 with masks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace a sample folder made with other settings")

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Train the VQ-GAN (paper 3.2): L1, commitment, optional perceptual loss, 2D+3D PatchGAN "
                          "with feature matching, and the Locality Loss (lambda = vqgan_train.locality_weight).")
     _common(v)
+    v.add_argument("--discard-diffusion", action="store_true",
+                   help="with --resume/--overwrite on a run that has a diffusion model: delete it (it was trained on the "
+                   "old VQ-GAN's latents); without it such a run is refused")
     v.add_argument("--perceptual-weights", help="local VGG16 weights (torchvision layout) for the perceptual term; without it the term is off")
     v.set_defaults(func=run_vqgan)
     d = parts.add_parser("diffusion", help="conditional latent DDPM with classifier-free guidance",
@@ -49,7 +52,8 @@ def run_vqgan(args: argparse.Namespace) -> int:
     from lad.utils.log import is_main_process
 
     out = train_vqgan(args.data, args.run, _config(args), resume=args.resume, overwrite=args.overwrite,
-                      device=args.device, perceptual_weights=args.perceptual_weights)
+                      device=args.device, perceptual_weights=args.perceptual_weights,
+                      discard_diffusion=args.discard_diffusion)
     if is_main_process():  # under torchrun: once
         print(f"VQ-GAN: {out}")
     return 0

@@ -86,9 +86,15 @@ class PreparedDataset(torch.utils.data.Dataset):
     def get_arrays(self, i: int, *, organs: bool = True) -> dict[str, Any]:
         """Raw arrays of window ``i``: ``hu`` int16 (D, H, W) HU, ``mask`` / ``organs`` uint8 (D, H, W)
         (``organs`` None when not asked for), ``affine`` (4, 4) float64, ``meta`` (manifest entry)."""
+        if not -len(self) <= i < len(self):
+            raise ValueError(f"{self.path}: window {i} out of range for {len(self)} windows")
         w = self.windows[i]
         a = self._patient(w["patient"])
         k = w["index"]
+        n = int(a["image"].shape[0])
+        if not isinstance(k, int) or not 0 <= k < n or any(int(a[x].shape[0]) != n for x in ("mask", "organs")):
+            raise ValueError(f"{self.path / 'patients' / w['patient'] / 'image.npy'}: window {w['id']!r} has index {k!r}, but "
+                             f"the patient's arrays hold {n} windows: manifest and arrays disagree (prepare it again)")
         return {"hu": np.array(a["image"][k]), "mask": np.array(a["mask"][k]),
                 "organs": np.array(a["organs"][k]) if organs else None,
                 "affine": np.asarray(w["affine"], dtype=np.float64), "meta": w}

@@ -12,6 +12,7 @@ resampled into the image's grid with nearest neighbour, never compared as arrays
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,8 +33,12 @@ __all__ = [
     "affine_dhw_to_ras",
     "image_from_array",
     "write_nifti",
+    "write_image",
     "align_label",
     "load_case",
+    "check_ct",
+    "read_pair",
+    "load_npy",
 ]
 
 log = get_logger(__name__)
@@ -45,11 +50,69 @@ class CaseError(ValueError):
     """A problem with one input case; the message starts with the offending path."""
 
 
+def _check_complete(path: Path) -> None:
+    """Refuse a truncated or corrupt file before ITK reads it: ITK fills a cut-off integer volume with zeros.
+
+    ``.gz`` files are decompressed completely (the gzip stream's end marker, CRC and length are checked);
+    for NIfTI the (decompressed) byte count must hold the header's voxel data. Streams in 1 MiB chunks.
+    """
+    import gzip
+    import zlib
+
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz", ".gz")):
+        return
+    head, size = b"", 0
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    if len(head) < 544:
+                        head += chunk[: 544 - len(head)]
+                    size += len(chunk)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(544)
+            size = path.stat().st_size
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise CaseError(f"{path}: unreadable or corrupt image (truncated or corrupt compressed file: {e})") from None
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    need = _nifti_bytes(head)
+    if need is not None and size < need:
+        raise CaseError(f"{path}: truncated file: {size} bytes of NIfTI data, the header needs {need}")
+
+
+def _nifti_bytes(head: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file needs (voxel offset + voxel data) from its header, or None if not NIfTI."""
+    import struct
+
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:  # NIfTI-1
+            dim = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:  # NIfTI-2
+            dim = struct.unpack(order + "8q", head[16:80])
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            offset = int(struct.unpack(order + "q", head[168:176])[0])
+            break
+    else:
+        return None
+    ndim = int(dim[0])
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(int(d), 1) for d in dim[1 : ndim + 1]], dtype=np.int64))
+    return max(offset, 348) + voxels * bitpix // 8
+
+
 def read_image(path: str | Path) -> sitk.Image:
     """Read a NIfTI / NRRD / MHA file or a DICOM series folder with its geometry.
 
-    Raises ``CaseError`` for a missing, unreadable or corrupt file, a folder holding several DICOM
-    series or none, and for NaN / inf voxels.
+    Raises ``CaseError`` for a missing, unreadable, truncated or corrupt file (a ``.gz`` file is
+    decompressed completely and its size checked against the NIfTI header first), a folder holding
+    several DICOM series or none, and for NaN / inf voxels.
     """
     path = Path(path)
     if not path.exists():
@@ -66,6 +129,7 @@ def read_image(path: str | Path) -> sitk.Image:
             reader.SetFileNames(files)
             img = reader.Execute()
         else:
+            _check_complete(path)
             img = sitk.ReadImage(str(path))
     except CaseError:
         raise
@@ -87,6 +151,33 @@ def read_image(path: str | Path) -> sitk.Image:
         if not np.all(np.isfinite(arr)):
             raise CaseError(f"{path}: image contains NaN or inf voxels")
     return img
+
+
+def check_ct(img: sitk.Image, path: str | Path) -> None:
+    """Refuse a CT that cannot be a patient: every voxel at or below -1000 HU (air only, e.g. an export of an
+    empty or never-reconstructed series)."""
+    hi = float(np.max(sitk.GetArrayViewFromImage(img)))
+    if hi <= -1000.0:
+        raise CaseError(f"{path}: every voxel is {hi:g} HU or below (air only): not a patient CT")
+
+
+def load_npy(path: str | Path) -> np.ndarray:
+    """``np.load`` of an array file, refusing a missing, truncated or corrupt one with its name (``CaseError``)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CaseError(f"{path}: file not found") from None
+    except (ValueError, OSError, EOFError) as e:  # numpy's errors for a cut-off or foreign file
+        raise CaseError(f"{path}: unreadable, truncated or corrupt .npy file ({e})") from None
+
+
+def read_pair(image_path: str | Path, label_path: str | Path) -> tuple[sitk.Image, sitk.Image]:
+    """An image and its label map, both canonical, the label aligned to the image by geometry
+    (``align_label``): a label whose header differs (mirrored, permuted, another grid) is resampled into
+    the image's frame, one covering other space is refused. Never paired by array shape alone."""
+    image = canonicalize(read_image(image_path))
+    label = canonicalize(read_image(label_path), is_label=True)
+    return image, align_label(label, image, label_path=Path(label_path), image_path=Path(image_path))
 
 
 def canonicalize(img: sitk.Image, *, is_label: bool = False) -> sitk.Image:
@@ -151,11 +242,34 @@ def image_from_array(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
     """Write a (D, H, W) array with its (d, h, w) -> RAS affine as NIfTI, atomically."""
+    return write_image(image_from_array(array, affine), path)
+
+
+def write_image(img: sitk.Image, path: str | Path) -> Path:
+    """Write a SimpleITK image as NIfTI (``.nii`` / ``.nii.gz``), atomically, and read the bytes back.
+
+    ITK's NIfTI writer only prints ``** ERROR: NWAD: wrote only 0 of N bytes`` when the disk is full
+    and returns normally, leaving a cut-off file: the temporary file is therefore checked like an input
+    (``_check_complete``) before it is renamed. A failed write raises ``OSError`` naming ``path``.
+    """
+    import errno
+    import shutil
+
     path = Path(path)
-    img = image_from_array(array, affine)
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     with atomic_path(path, suffix=suffix) as tmp:
-        sitk.WriteImage(img, str(tmp), useCompression=suffix == ".nii.gz")
+        try:
+            sitk.WriteImage(img, str(tmp), useCompression=suffix == ".nii.gz")
+            _check_complete(tmp)
+        except (RuntimeError, CaseError) as e:
+            try:
+                full = shutil.disk_usage(path.parent).free < (1 << 20)
+            except OSError:
+                full = False
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "write failed"
+            raise OSError(errno.EIO, f"could not write the image ({reason})", str(path)) from None
     return path
 
 
@@ -249,6 +363,7 @@ def load_case(spec: "CaseSpec") -> LoadedCase:
     from lad.data.labels import ORGAN_LABELS
 
     raw = read_image(spec.image)
+    check_ct(raw, spec.image)
     image = sitk.Cast(canonicalize(raw), sitk.sitkFloat32)
     # acquisition spacing along the canonical (x, y, z) axes (a permuted file's spacing is reordered)
     axis_of = np.abs(np.asarray(raw.GetDirection()).reshape(3, 3)).argmax(axis=0)  # file axis -> physical axis

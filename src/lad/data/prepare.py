@@ -143,6 +143,26 @@ def _translate(affine: np.ndarray, d: int, h: int, w: int) -> np.ndarray:
     return affine @ t
 
 
+def case_inputs(spec) -> dict[str, list[int] | None]:
+    """Fingerprint of one case's input files: ``{path: [size in bytes, modification time in ns]}``
+    (None for a missing file; a DICOM folder counts every file in it). Stored in the patient's
+    ``meta.json`` (or its dropped record): a resumed ``lad prepare`` redoes a case whose inputs changed."""
+    files = [Path(spec.image)]
+    if isinstance(spec.labels, dict):
+        files += [Path(p) for p in spec.labels.values()]
+    elif spec.labels is not None:
+        files.append(Path(spec.labels))
+    out: dict[str, list[int] | None] = {}
+    for f in files:
+        for g in (sorted(x for x in f.rglob("*") if x.is_file()) if f.is_dir() else [f]):
+            try:
+                st = g.stat()
+                out[str(g)] = [int(st.st_size), int(st.st_mtime_ns)]
+            except FileNotFoundError:
+                out[str(g)] = None
+    return out
+
+
 def process_case(spec, cfg: PrepareConfig, out_root: Path, split: str) -> dict[str, Any]:
     """Prepare one case into ``out_root/patients/<case_id>`` (atomically); returns its meta.
 
@@ -152,6 +172,7 @@ def process_case(spec, cfg: PrepareConfig, out_root: Path, split: str) -> dict[s
 
     from lad.data.io import CaseError, affine_dhw_to_ras, load_case
 
+    inputs = case_inputs(spec)  # before reading: a file changed while it is read is redone next time
     try:
         case = load_case(spec)
     except CaseError as e:
@@ -227,6 +248,7 @@ def process_case(spec, cfg: PrepareConfig, out_root: Path, split: str) -> dict[s
         "resampled_shape": resampled_shape,  # (D, H, W) after resampling, before the in-plane crop/pad
         "crop_start_hw": [int(sh), int(sw)],
         "windows": windows,
+        "inputs": inputs,
     }
     final = out_root / "patients" / spec.case_id
     with atomic_dir(final) as tmp:
@@ -274,7 +296,7 @@ def _worker(args):
     try:
         return spec.case_id, process_case(spec, cfg, out_root, split), None
     except DropCase as e:
-        return spec.case_id, None, {"patient": spec.case_id, "file": e.file, "reason": e.reason}
+        return spec.case_id, None, {"patient": spec.case_id, "file": e.file, "reason": e.reason, "inputs": case_inputs(spec)}
     except Exception as e:  # one broken case must not stop a 1000-patient run; it is reported, not cached
         log.debug("unexpected error on %s", spec.case_id, exc_info=True)
         return spec.case_id, None, {"patient": spec.case_id, "file": str(spec.image),
@@ -339,15 +361,39 @@ def prepare_dataset(
     metas: dict[str, dict] = {}
     dropped: dict[str, dict] = {}
     todo = []
+    changed = []
     for c in cases:
         meta_path = out / "patients" / c.case_id / "meta.json"
         drop_path = out / "dropped" / f"{c.case_id}.json"
-        if meta_path.exists():
-            metas[c.case_id] = json.loads(meta_path.read_text())
-        elif drop_path.exists():
-            dropped[c.case_id] = json.loads(drop_path.read_text())
-        else:
+        try:
+            done = json.loads(meta_path.read_text()) if meta_path.exists() else (
+                json.loads(drop_path.read_text()) if drop_path.exists() else None)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s: corrupt record of a finished patient; preparing it again", meta_path.parent)
+            done = {"inputs": None}  # differs from any fingerprint: redone below
+        if done is not None and "inputs" in done and done["inputs"] != case_inputs(c):
+            changed.append(c.case_id)  # its files were replaced, edited or truncated since: prepared again
+            shutil.rmtree(meta_path.parent, ignore_errors=True)
+            drop_path.unlink(missing_ok=True)
+            done = None
+        if done is None:
             todo.append((c, config, out, splits[c.case_id]))
+        elif meta_path.exists():
+            metas[c.case_id] = done
+        else:
+            dropped[c.case_id] = done
+    if changed:
+        log.warning("%s: the input files of %d patient(s) changed since they were prepared; preparing them again: %s",
+                    out, len(changed), ", ".join(changed[:10]) + (" ..." if len(changed) > 10 else ""))
+    current = {c.case_id for c in cases}
+    gone = sorted({p.name for p in (out / "patients").glob("*") if p.is_dir() and not p.name.startswith(".")} - current)
+    gone += sorted({p.stem for p in (out / "dropped").glob("*.json")} - current - set(gone))
+    if gone:  # no longer in the input: their old results leave the folder (the manifest lists only current cases)
+        log.warning("%s: %d patient(s) are no longer in the input; removing their results: %s", out, len(gone),
+                    ", ".join(gone[:10]) + (" ..." if len(gone) > 10 else ""))
+        for cid in gone:
+            shutil.rmtree(out / "patients" / cid, ignore_errors=True)
+            (out / "dropped" / f"{cid}.json").unlink(missing_ok=True)
     skipped = len(cases) - len(todo)
     if skipped:
         log.info("%s: %d patient(s) already done (finished or dropped), %d to do", out, skipped, len(todo))
@@ -408,16 +454,24 @@ def load_prepare_config(preset: str | None, overrides: dict[str, Any] | None = N
     return cfg
 
 
-def export_window(prepared: str | Path, window_id: str, out_dir: str | Path) -> dict[str, Path]:
-    """Write one window's image (HU), Lad mask and organ map as NIfTI with its geometry."""
+def export_window(prepared: str | Path, window_id: str, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write one window's image (HU), Lad mask and organ map as NIfTI with its geometry.
+
+    Existing output files are refused unless ``overwrite``; nothing is written when the window cannot be read.
+    """
     from lad.data.dataset import PreparedDataset
     from lad.data.io import write_nifti
 
     ds = PreparedDataset(prepared, split=None)
     idx = ds.index_of(window_id)
-    item = ds.get_arrays(idx)
     out_dir = Path(out_dir)
     paths = {k: out_dir / f"{window_id}_{k}.nii.gz" for k in ("image", "mask", "organs")}
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{existing[0]}: exists; pass --overwrite to replace it or choose another --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir}: exists and is not a folder")
+    item = ds.get_arrays(idx)
     write_nifti(item["hu"], item["affine"], paths["image"])
     write_nifti(item["mask"], item["affine"], paths["mask"])
     write_nifti(item["organs"], item["affine"], paths["organs"])

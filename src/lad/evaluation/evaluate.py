@@ -49,7 +49,7 @@ def load_synthetic(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Volumes in [0, 1] ``(1, D, H, W)`` and their conditioning masks ``(D, H, W)`` from a sample folder."""
     import SimpleITK as sitk
 
-    from lad.data.io import canonicalize, read_image
+    from lad.data.io import load_npy, read_pair
 
     manifest = folder / "manifest.jsonl"
     if not manifest.exists():
@@ -59,10 +59,10 @@ def load_synthetic(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
         rec = json.loads(line)
         ct, mk = folder / rec["files"]["ct"], folder / rec["files"]["mask"]
         if ct.suffix == ".npy":
-            hu, m = np.load(ct), np.load(mk)
+            hu, m = load_npy(ct), load_npy(mk)
         else:
-            hu = sitk.GetArrayFromImage(canonicalize(read_image(ct)))
-            m = sitk.GetArrayFromImage(canonicalize(read_image(mk)))
+            img, lab = read_pair(ct, mk)
+            hu, m = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab)
         vols.append(hu_to_unit(hu)[None])
         masks.append(m.astype(np.uint8))
     if len(vols) < 2:
@@ -91,6 +91,25 @@ def _hu_hist(vols: list[np.ndarray], masks: list[np.ndarray], label_sel, bins: n
     return (counts / counts.sum() / np.diff(bins)).tolist()
 
 
+def check_evaluate_args(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse, before anything is created: a missing real or synthetic folder, a report folder holding a
+    report (``metrics.json`` / ``report.html``) without ``overwrite``."""
+    from lad.utils.atomic import OutputExistsError
+
+    if not (Path(real) / "manifest.json").exists():
+        raise FileNotFoundError(f"{real}: not a prepared dataset (no manifest.json; run `lad prepare` first)")
+    for name, folder in synthetic.items():
+        if not (Path(folder) / "manifest.jsonl").exists():
+            raise FileNotFoundError(f"{folder}: not a lad sample folder (no manifest.jsonl; run `lad sample` first)")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder")
+    held = [f for f in ("metrics.json", "report.html") if (out / f).exists()]
+    if held and not overwrite:
+        raise OutputExistsError(f"{out}: already holds {' and '.join(held)}; pass --overwrite to replace them "
+                                "(the feature cache is reused) or choose another --out")
+
+
 def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, features: str = "random-resnet10",
              n_pairs: int = 400, seed: int = 0, device: str = "cpu", overwrite: bool = False,
              segmenter: str | Path | None = None, ellipses: str = "least-squares", n_boot: int = 200) -> dict[str, Any]:
@@ -104,10 +123,13 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     from lad.evaluation.uncertainty import add_intervals, bootstrap_settings, mean_ci
     from lad.utils.atomic import prepare_output_dir
 
+    if n_boot < 0:
+        raise ValueError(f"--bootstrap must be >= 0 (0: no intervals), got {n_boot}")
     if ellipses not in ELLIPSES:
         raise ValueError(f"ellipses must be one of {ELLIPSES}, got {ellipses!r}")
     t0 = time.perf_counter()
-    out = prepare_output_dir(out, overwrite=overwrite, resume=True)
+    check_evaluate_args(real, synthetic, out, overwrite=overwrite)
+    out = prepare_output_dir(out, resume=True)  # the feature cache (keyed by content) is kept, even with overwrite
     real = Path(real)
     _, real_vols, real_masks, real_organs = _real(real, "test")
     train_ds, train_vols, train_masks, _ = _real(real, "train")

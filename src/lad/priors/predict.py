@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lad.data.labels import ORGAN_LABELS, ORGAN_NAMES, hu_to_unit
-from lad.utils.atomic import atomic_path, write_json
+from lad.utils.atomic import write_json
 from lad.utils.log import get_logger, progress
 
 __all__ = ["predict_priors", "totalseg_to_labelmap", "discover_ct", "MIN_ORGAN_ML"]
@@ -137,7 +137,7 @@ def predict_priors(input: str | Path, out: str | Path, *, segmenter: str | Path 
     """Predict label maps for every CT of ``input`` into ``out``; returns a summary."""
     import SimpleITK as sitk
 
-    from lad.data.io import CaseError, read_image
+    from lad.data.io import CaseError, check_ct, read_image, write_image
 
     if backend == "totalsegmentator":
         if importlib.util.find_spec("totalsegmentator") is None or shutil.which("TotalSegmentator") is None:
@@ -167,13 +167,13 @@ def predict_priors(input: str | Path, out: str | Path, *, segmenter: str | Path 
             continue
         try:
             raw = read_image(path)
+            check_ct(raw, path)
         except CaseError as e:
             failed.append({"case": cid, "reason": str(e)})
             log.warning("%s", e)
             continue
         lab = _predict_lad(model, raw, device) if model is not None else _predict_totalseg(Path(path), raw, device)
-        with atomic_path(target, suffix=".nii.gz") as tmp:
-            sitk.WriteImage(lab, str(tmp), useCompression=True)
+        write_image(lab, target)
         report = _organ_report(sitk.GetArrayFromImage(lab), lab.GetSpacing())
         write_json(out / f"{cid}.json", {"case": cid, "image": str(path), "backend": backend,
                                          "segmenter": str(segmenter) if segmenter else None, **report})

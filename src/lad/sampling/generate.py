@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -147,27 +148,53 @@ def generate_samples(
         raise ValueError(f"--format must be nifti or npy, got {settings.format!r}")
     if settings.n < 1:
         raise ValueError(f"--n must be at least 1, got {settings.n}")
+    for name, value, low in (("--batch-size", batch_size, 1), ("--max-retries", settings.max_retries, 0)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value}")
+    shard_ik = parse_shard(shard)
     # torchrun without --shard: one shard per rank, on GPU LOCAL_RANK; a Gloo group (CPU) only for barriers, with a
     # long timeout (ranks finish their shards at different times)
     torchrun = shard is None and ddist.env_world()[1] > 1
     dev = ddist.init_distributed(device, backend="gloo", timeout_min=24 * 60) if torchrun else ddist.local_device(device)
-    settings = resolve_settings(settings, run)
+    settings = resolve_settings(settings, run)  # unset sampler / steps / guidance: the run's sampling section
     if settings.sampler not in ("ddpm", "ddim"):
         raise ValueError(f"--sampler must be ddpm or ddim, got {settings.sampler!r}")
+    if not math.isfinite(settings.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {settings.guidance}")
+    if int(settings.steps) != settings.steps or settings.steps < 1:
+        raise ValueError(f"--steps must be a whole number >= 1, got {settings.steps}")
     pipe = LadPipeline.from_run(run, device=str(dev))
+    max_steps = int(pipe.scheduler.config["num_train_timesteps"])
+    if settings.steps > max_steps:
+        raise ValueError(f"--steps {settings.steps}: the model was trained with {max_steps} timesteps, so at most "
+                         f"{max_steps} sampling steps can run")
     stats = pipe.latent_stats
     source = MaskSource(masks, shape=pipe.image_shape, spacing=stats.get("spacing"))
     folder = SampleFolder(out)
     saved = {**dataclasses.asdict(settings), "run": str(Path(run).resolve()), "masks": str(Path(masks).resolve()),
-             "checkpoint_hash": pipe.checkpoint_hash}
-    if torchrun and not ddist.get_rank() == 0:
-        ddist.barrier()  # rank 0 creates (or, with --overwrite, clears) the folder first
-    folder.open(saved, overwrite=overwrite)
-    if torchrun and ddist.get_rank() == 0:
-        ddist.barrier()
+             "checkpoint_hash": pipe.checkpoint_hash, "masks_fingerprint": source.fingerprint()}
+    if not torchrun or ddist.get_rank() == 0:  # the other ranks wait for rank 0's open below
+        folder.check(saved, overwrite=overwrite)  # every refusal before the folder is created or changed
+    lock = folder.lock(shard_ik)
+    try:
+        if torchrun and not ddist.get_rank() == 0:
+            ddist.barrier()  # rank 0 creates (or, with --overwrite, clears) the folder first
+        folder.open(saved, overwrite=overwrite)
+        if torchrun and ddist.get_rank() == 0:
+            ddist.barrier()
+        return _generate(pipe, source, folder, settings, shard_ik, batch_size, augment_config, stop_after, torchrun, out)
+    finally:
+        folder.unlock(lock)
+
+
+def _generate(pipe, source: MaskSource, folder: SampleFolder, settings: SampleSettings, shard_ik: tuple[int, int],
+              batch_size: int, augment_config: AugmentConfig | None, stop_after: int | None, torchrun: bool, out) -> dict[str, Any]:
+    from lad.utils import distributed as ddist
+
+    stats = pipe.latent_stats
     aug_cfg = augment_config or AugmentConfig(elastic_reference_size=256)
     hu_range = quality_range(stats.get("fingerprint"), stats.get("organ", "pancreas"))
-    todo = [j for j in shard_indices(settings.n, parse_shard(shard)) if not folder.is_done(j)]
+    todo = [j for j in shard_indices(settings.n, shard_ik) if not folder.is_done(j)]
     if stop_after is not None:
         todo = todo[:stop_after]
     t0, done, redrawn = time.perf_counter(), 0, 0

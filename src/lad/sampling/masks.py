@@ -98,6 +98,28 @@ class MaskSource:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def fingerprint(self) -> str:
+        """sha256 of every file the masks come from (relative path, size, modification time in ns).
+
+        A mask added, removed, rewritten or truncated changes it; ``lad sample`` refuses to resume a
+        folder whose records were made from another fingerprint.
+        """
+        import hashlib
+
+        if self.kind == "prepared":
+            patients = sorted({w["patient"] for w in self._dataset.windows})
+            files = [self.path / "manifest.json"] + [self.path / "patients" / p / "mask.npy" for p in patients]
+        else:
+            files = list(self.files)
+        h = hashlib.sha256()
+        for f in files:
+            try:
+                st = f.stat()
+                h.update(f"{f.relative_to(self.path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            except FileNotFoundError:
+                h.update(f"{f.relative_to(self.path)}\tmissing\n".encode())
+        return h.hexdigest()
+
     def _npy_affine(self, shape: Sequence[int]) -> np.ndarray:
         # public-release arrays carry no geometry: use the model's spacing in the canonical orientation
         sx, sy, sz = self.spacing

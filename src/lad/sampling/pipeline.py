@@ -44,11 +44,19 @@ def load_run_parts(run: str | Path, *, device: str | torch.device = "cpu", ema: 
     stats_path = run / "latent_stats.json"
     if not stats_path.exists():
         raise FileNotFoundError(f"{stats_path}: missing latent scaling (written by `lad train diffusion`)")
+    try:
+        stats = json.loads(stats_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{stats_path}: corrupt latent scaling ({e}); retrain the diffusion part "
+                         f"(lad train diffusion --run {run} --overwrite)") from None
+    if stats.get("vqgan_hash") and stats["vqgan_hash"] != file_hash(run / "vqgan" / "model.safetensors"):
+        raise ValueError(f"{run / 'vqgan'}: the VQ-GAN changed after the diffusion model was trained on its latents "
+                         f"({stats_path} names another VQ-GAN); retrain it: lad train diffusion --run {run} --overwrite")
     parts = {
         "vqgan": VQGAN.from_pretrained(run / "vqgan", map_location=device).to(device).eval(),
         "denoiser": LatentDenoiser.from_pretrained(den_dir, map_location=device).to(device).eval(),
         "scheduler": DDPMScheduler.from_pretrained(run / "scheduler"),
-        "latent_stats": json.loads(stats_path.read_text()),
+        "latent_stats": stats,
         "condition": None,
         "checkpoint_hash": file_hash(den_dir / "model.safetensors"),
     }

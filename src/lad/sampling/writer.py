@@ -44,6 +44,18 @@ def shard_indices(n: int, shard: tuple[int, int]) -> list[int]:
     return list(range(i, n, k))
 
 
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class SampleFolder:
     """The output folder of ``lad sample``: settings, samples, per-sample records, manifest."""
 
@@ -54,35 +66,100 @@ class SampleFolder:
         self.samples = self.root / "samples"
         self.records = self.root / "records"
 
+    def _differences(self, settings: dict[str, Any]) -> list[str] | None:
+        """Keys (besides ``n``) whose saved value differs from ``settings``; None when nothing is saved."""
+        path = self.root / self.SETTINGS
+        if not path.exists():
+            return None
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: corrupt settings file; pass --overwrite to start the folder again") from None
+        skip = {"n"} | ({"masks_fingerprint"} - set(old))  # folders from before fingerprints: nothing to compare
+        return sorted(k for k in set(old) | set(settings) if k not in skip and old.get(k) != settings.get(k))
+
+    def check(self, settings: dict[str, Any], *, overwrite: bool = False) -> None:
+        """Refuse (``FileExistsError``) a folder that ``open`` would not resume; writes nothing."""
+        diff = self._differences(settings)
+        if diff == ["masks_fingerprint"] and not any(self.records.glob("sample_*.json")):
+            return  # no sample was finished from the old masks (e.g. a run stopped by a bad mask, now fixed)
+        if diff and not overwrite:
+            if diff == ["masks_fingerprint"]:
+                raise FileExistsError(
+                    f"{self.root}: the mask source {settings.get('masks')} changed since these samples were made (a mask "
+                    "added, removed, modified or truncated); their records no longer hold: pass --overwrite to start "
+                    "again, or use another --out")
+            raise FileExistsError(
+                f"{self.root}: holds samples made with other settings ({', '.join(diff)}); use another --out or pass --overwrite"
+            )
+        if diff is None and self.root.exists() and not self.root.is_dir():
+            raise FileExistsError(f"{self.root}: exists and is not a folder")
+        if diff is None and self.root.is_dir() and any(not p.name.startswith(".lock.") for p in self.root.iterdir()) \
+                and not overwrite:
+            raise FileExistsError(f"{self.root}: exists and is not a lad sample folder; use another --out or --overwrite")
+
     def open(self, settings: dict[str, Any], *, overwrite: bool = False) -> None:
         """Create the folder, or reuse it when it was made with the same settings (resume).
 
-        Different settings (other run, guidance, sampler, ...) raise ``FileExistsError`` unless
-        ``overwrite``, which deletes the previous samples first.
+        Different settings (other run, guidance, sampler, mask source fingerprint, ...) raise
+        ``FileExistsError`` unless ``overwrite``, which deletes the previous samples first.
         """
         path = self.root / self.SETTINGS
+        self.check(settings, overwrite=overwrite)
         if path.exists():
-            old = json.loads(path.read_text())
-            same = {k: v for k, v in old.items() if k != "n"} == {k: v for k, v in settings.items() if k != "n"}
-            if not same and not overwrite:
-                diff = sorted(k for k in set(old) | set(settings) if k != "n" and old.get(k) != settings.get(k))
-                raise FileExistsError(
-                    f"{self.root}: holds samples made with other settings ({', '.join(diff)}); "
-                    "use another --out or pass --overwrite"
-                )
+            same = not self._differences(settings)
             if not same and overwrite:
                 import shutil
 
                 for p in (self.samples, self.records):
                     shutil.rmtree(p, ignore_errors=True)
-        elif self.root.exists() and any(self.root.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.root}: exists and is not a lad sample folder; use another --out or --overwrite")
         self.samples.mkdir(parents=True, exist_ok=True)
         self.records.mkdir(parents=True, exist_ok=True)
         # n may grow between runs (ask for more samples later): keep the largest
         if path.exists():
             settings = {**settings, "n": max(int(json.loads(path.read_text()).get("n", 0)), int(settings.get("n", 0)))}
         write_json(path, settings)
+
+    def lock(self, shard: tuple[int, int]) -> Path:
+        """Take ``.lock.<i>-of-<k>`` (holder's pid and host) for this shard; returns its path.
+
+        Refuses (``FileExistsError``, naming the holder) while another live process holds a lock whose
+        shard shares sample indices with ``shard`` (``i1 = i2 mod gcd(k1, k2)``); a lock left by a dead
+        process on this host is taken over. Release it with ``unlock``.
+        """
+        import math
+        import socket
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        i, k = shard
+        host = socket.gethostname()
+        for other in self.root.glob(".lock.*-of-*"):
+            try:
+                oi, ok = (int(x) for x in other.name[len(".lock."):].split("-of-"))
+                holder = json.loads(other.read_text())
+            except (ValueError, OSError):
+                continue  # half-written by a process starting right now, or removed meanwhile
+            if (i - oi) % math.gcd(k, ok):
+                continue  # disjoint shards may run at the same time
+            pid, ohost = int(holder.get("pid", -1)), holder.get("host")
+            if ohost == host and pid != os.getpid() and not _alive(pid):
+                other.unlink(missing_ok=True)  # its process is gone (killed): the lock is stale
+                continue
+            raise FileExistsError(
+                f"{other}: samples of this folder are being written by pid {pid} on host {ohost} (shard {oi}/{ok}); "
+                "wait for it to finish, or delete the lock file if that process is gone")
+        path = self.root / f".lock.{i}-of-{k}"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise FileExistsError(f"{path}: another process took the lock of this shard at the same time") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": host}, f)
+        return path
+
+    @staticmethod
+    def unlock(path: Path) -> None:
+        path.unlink(missing_ok=True)
 
     def record_path(self, index: int) -> Path:
         return self.records / f"sample_{index:06d}.json"

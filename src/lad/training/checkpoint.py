@@ -128,7 +128,21 @@ class CheckpointManager:
         steps = self.steps()
         if not steps:
             return None
-        folder = self.folder(steps[-1])
-        state = self.load(folder, modules, optimizers, device)
-        log.info("resuming from %s (step %d)", folder, state["step"])
-        return state
+        failures = []
+        for step in reversed(steps):  # a corrupt newest checkpoint: fall back to the previous complete one
+            folder = self.folder(step)
+            try:
+                state = self.load(folder, modules, optimizers, device)
+            except Exception as e:  # safetensors, torch.load and JSON raise several types for damaged files
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                failures.append(f"{folder}: {reason}")
+                log.warning("%s is unreadable (%s); trying the previous checkpoint", folder, reason)
+                continue
+            if failures:
+                log.warning("resuming from %s (step %d) instead of the newest checkpoint, which is corrupt: %s",
+                            folder, state["step"], "; ".join(failures))
+            else:
+                log.info("resuming from %s (step %d)", folder, state["step"])
+            return state
+        raise ValueError(f"{self.root}: every checkpoint is corrupt ({'; '.join(failures)}); pass --overwrite to "
+                         "start this part again")

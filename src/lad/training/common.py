@@ -25,7 +25,7 @@ from lad.utils.seed import derive_seed
 __all__ = [
     "resolve_device", "batch_indices", "step_generator", "seed_step", "CheckpointManager", "NonFiniteGuard",
     "Logger", "autocast", "make_grad_scaler", "gather_batch", "check_run_part", "validate_dataset", "data_state",
-    "save_checkpoint", "load_latest_checkpoint",
+    "save_checkpoint", "load_latest_checkpoint", "DOWNSTREAM_OF_VQGAN", "check_downstream", "remove_downstream",
 ]
 
 log = get_logger(__name__)
@@ -131,6 +131,11 @@ def check_resume_config(run: Path, cfg, sections: tuple[str, ...]) -> None:
     from lad.config import to_dict
     import yaml
 
+    for part, key in (("vqgan", "vqgan_train"), ("diffusion", "diffusion_train")):
+        done = CheckpointManager(run / "checkpoints" / part).steps()
+        if key in sections and done and done[-1] > getattr(cfg, key).steps:
+            raise ValueError(f"{run / 'checkpoints' / part}: --resume with {key}.steps={getattr(cfg, key).steps}, but the "
+                             f"newest checkpoint is already at step {done[-1]}; resume with at least that many steps")
     f = run / "config.yaml"
     if not f.exists():
         return
@@ -164,6 +169,39 @@ def check_run_part(run: Path, part_dirs: list[str], *, resume: bool, overwrite: 
         )
     if overwrite and not resume and is_main_process():  # under torchrun rank 0 deletes, the others wait
         for d in existing:
+            shutil.rmtree(run / d) if (run / d).is_dir() else (run / d).unlink()
+    barrier()
+
+
+# What depends on the VQ-GAN's weights: trained on (or computed from) its latents.
+DOWNSTREAM_OF_VQGAN = ["denoiser", "denoiser_ema", "condition", "condition_raw", "scheduler", "checkpoints/diffusion",
+                       "latent_cache", "latent_stats.json"]
+
+
+def check_downstream(run: Path, cfg, *, resume: bool, overwrite: bool, discard: bool) -> list[str]:
+    """The diffusion parts a VQ-GAN training would invalidate (to delete once training may start).
+
+    Raises ``FileExistsError`` naming them unless ``discard``. Nothing is invalidated when the VQ-GAN
+    will not change (``resume`` with its newest checkpoint already at ``vqgan_train.steps``)."""
+    existing = [d for d in DOWNSTREAM_OF_VQGAN if (run / d).exists()]
+    if not any(d != "latent_cache" for d in existing) or not (resume or overwrite):  # a cache alone is keyed by the hash
+        return []  # without --resume/--overwrite an existing VQ-GAN is refused by check_run_part
+    done = CheckpointManager(run / "checkpoints" / "vqgan").steps()
+    if resume and not overwrite and done and done[-1] >= cfg.vqgan_train.steps and (run / "vqgan").exists():
+        return []
+    if not discard:
+        raise FileExistsError(
+            f"{run}: holds a diffusion model trained on this VQ-GAN's latents ({', '.join(existing)}); a changed VQ-GAN "
+            "would leave it paired with latents it never saw. Pass --discard-diffusion to delete it with this command "
+            "(then retrain it: lad train diffusion), or train the VQ-GAN in a copy of the run folder")
+    return existing
+
+
+def remove_downstream(run: Path, parts: list[str]) -> None:
+    """Delete the invalidated diffusion parts (rank 0; the others wait)."""
+    if parts and is_main_process():
+        log.warning("%s: deleting the diffusion model trained on the previous VQ-GAN's latents: %s", run, ", ".join(parts))
+        for d in parts:
             shutil.rmtree(run / d) if (run / d).is_dir() else (run / d).unlink()
     barrier()
 
@@ -255,17 +293,26 @@ def load_latest_checkpoint(ckpt: CheckpointManager, modules, optimizers, device)
     (the run folder must be on a filesystem every node sees, docs/distributed.md)."""
     if not is_distributed():
         return ckpt.load_latest(modules, optimizers, device)
-    steps = broadcast_object(ckpt.steps())
-    if not steps:
+    # rank 0 loads the newest readable checkpoint (falling back past corrupt ones) and tells the others which
+    picked = None
+    if is_main_process():
+        try:
+            state = ckpt.load_latest(modules, optimizers, device)
+            picked = ("ok", None if state is None else int(state["step"]))
+        except ValueError as e:
+            picked = ("error", str(e))
+    picked = broadcast_object(picked)
+    if picked[0] == "error":
+        raise ValueError(picked[1])
+    if picked[1] is None:
         return None
-    folder = ckpt.folder(steps[-1])
+    folder = ckpt.folder(picked[1])
+    if is_main_process():
+        return state
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: rank 0's newest checkpoint is not visible on this node; the run folder "
                                 "must be on a filesystem shared by all nodes")
-    state = ckpt.load(folder, modules, optimizers, device)
-    if is_main_process():
-        log.info("resuming from %s (step %d)", folder, state["step"])
-    return state
+    return ckpt.load(folder, modules, optimizers, device)
 
 
 def slice_grid(volumes: list[torch.Tensor]) -> np.ndarray:

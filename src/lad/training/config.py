@@ -12,7 +12,7 @@ from typing import Literal
 
 from lad.config import apply_overrides, load_preset
 
-__all__ = ["TrainConfig", "SamplingConfig", "VARIANTS", "resolve_train_config"]
+__all__ = ["TrainConfig", "SamplingConfig", "VARIANTS", "resolve_train_config", "validate_train_config"]
 
 VARIANTS = ("V0", "V1", "V2", "V3", "full")
 
@@ -50,6 +50,10 @@ class VQGANTrainConfig:
     disc_channels: int = 64
     disc_layers: int = 3
     disc_kernel: int = 3  # 4: pix2pix's and the release's PatchGAN; 3: ours
+    # learning-rate schedule of both optimisers: "constant" (the release) or "cosine" (ours: linear warm-up over
+    # lr_warmup steps, then a cosine decay to 0 at the last step)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup: int = 0
     feature_matching: Literal["mean", "sum"] = "mean"  # "sum" over discriminator layers: the release
 
 
@@ -171,4 +175,61 @@ def resolve_train_config(preset: str = "demo", overrides: list[str] | None = Non
         cfg = dataclasses.replace(cfg, variant=variant)
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
-    return apply_variant(cfg)
+    cfg = apply_variant(cfg)
+    validate_train_config(cfg)
+    return cfg
+
+
+_POSITIVE_INTS = {
+    "vqgan": ("num_res_blocks", "embedding_dim", "num_embeddings", "norm_num_groups"),
+    "vqgan_train": ("batch_size", "steps", "disc_channels", "disc_layers"),
+    "denoiser": ("num_res_blocks", "num_head_channels", "norm_num_groups"),
+    "diffusion_train": ("batch_size", "steps", "timesteps"),
+    "condition": ("structure_dim",),
+    "logging": ("log_every", "checkpoint_every", "max_nonfinite_steps"),
+}
+_NONNEG_INTS = {"vqgan_train": ("disc_start",), "logging": ("image_every", "keep_last")}
+_POSITIVE_FLOATS = {"vqgan_train": ("lr", "grad_clip"), "diffusion_train": ("lr", "grad_clip")}
+_NONNEG_FLOATS = {"vqgan": ("commitment_cost", "dead_code_threshold"),
+                  "vqgan_train": ("l1_weight", "perceptual_weight", "disc2d_weight", "disc3d_weight",
+                                  "feature_matching_weight", "locality_weight")}
+_UNIT_FLOATS = {"vqgan": ("decay",), "diffusion_train": ("ema_decay", "p_uncond")}
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Refuse values that would train nothing or train silently wrong: counts (steps, batch sizes, sizes)
+    must be positive whole numbers, rates and weights finite (lr > 0, weights >= 0, decays in [0, 1]),
+    channel lists positive. Raises ``ValueError`` naming the key, e.g. ``vqgan_train.steps``."""
+    import math
+
+    def get(sec: str, key: str):
+        return getattr(getattr(cfg, sec), key)
+
+    def fail(sec: str, key: str, need: str):
+        raise ValueError(f"{sec}.{key} must be {need}, got {get(sec, key)!r}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for sec, keys in _POSITIVE_INTS.items():
+        for k in keys:
+            if not is_int(get(sec, k)) or get(sec, k) < 1:
+                fail(sec, k, "a whole number >= 1")
+    for sec, keys in _NONNEG_INTS.items():
+        for k in keys:
+            if not is_int(get(sec, k)) or get(sec, k) < 0:
+                fail(sec, k, "a whole number >= 0")
+    for table, ok, need in ((_POSITIVE_FLOATS, lambda v: v > 0, "a finite number > 0"),
+                            (_NONNEG_FLOATS, lambda v: v >= 0, "a finite number >= 0"),
+                            (_UNIT_FLOATS, lambda v: 0 <= v <= 1, "a number in [0, 1]")):
+        for sec, keys in table.items():
+            for k in keys:
+                v = get(sec, k)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                    fail(sec, k, need)
+    for sec in ("vqgan", "denoiser"):
+        ch = get(sec, "channels")
+        if not ch or any(not is_int(c) or c < 1 for c in ch):
+            fail(sec, "channels", "a non-empty list of whole numbers >= 1")
+    if any(not is_int(f) or f < 1 for f in cfg.vqgan.downsample):
+        fail("vqgan", "downsample", "whole numbers >= 1")

@@ -99,7 +99,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     from lad.models import guidance
     from lad.models.vqgan import VQGAN
     from lad.schedulers import DDPMScheduler
-    from lad.training.latents import build_latent_cache, latent_stats
+    from lad.training.latents import build_latent_cache, file_hash, latent_stats
     from lad.training.vqgan_trainer import open_training_data
 
     run = Path(run)
@@ -114,14 +114,16 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     latent_shape = tuple(vqgan.latent_shape(ds.shape))
     expected = (cfg.vqgan.embedding_dim, *(s // f for s, f in zip(ds.shape, cfg.vqgan.downsample)))
     vc = vqgan.config
-    if latent_shape != expected or tuple(vc["channels"]) != tuple(cfg.vqgan.channels) \
-            or vc["embedding_dim"] != cfg.vqgan.embedding_dim or tuple(vc["downsample"]) != tuple(cfg.vqgan.downsample):
-        raise ValueError(
-            f"{run / 'vqgan'}: VQ-GAN latent shape {latent_shape} (embedding_dim {vc['embedding_dim']}, downsample "
-            f"{vc['downsample']}, channels {vc['channels']}) does not match the diffusion config's latent shape {expected} "
-            f"(embedding_dim {cfg.vqgan.embedding_dim}, downsample {list(cfg.vqgan.downsample)}, channels "
-            f"{list(cfg.vqgan.channels)}); train the VQ-GAN with the same config"
-        )
+    pairs = {"embedding_dim": (vc["embedding_dim"], cfg.vqgan.embedding_dim),
+             "downsample": (list(vc["downsample"]), list(cfg.vqgan.downsample)),
+             "channels": (list(vc["channels"]), list(cfg.vqgan.channels))}
+    differ = "; ".join(f"{k} {a} (VQ-GAN) vs {b} (config)" for k, (a, b) in pairs.items() if a != b)
+    if latent_shape != expected:
+        raise ValueError(f"{run / 'vqgan'}: VQ-GAN latent shape {latent_shape} does not match the diffusion config's latent "
+                         f"shape {expected} ({differ}); train both parts with the same --preset and --set values")
+    if differ:
+        raise ValueError(f"{run / 'vqgan'}: the VQ-GAN does not match the diffusion config ({differ}; both give latent shape "
+                         f"{latent_shape}); train both parts with the same --preset and --set values")
     if resume:
         check_resume_config(run, cfg, ("vqgan", "denoiser", "diffusion_train", "condition", "variant", "seed"))
     t = cfg.diffusion_train
@@ -135,7 +137,8 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
                                structure=cfg.conditional and c.use_structure, device=dev)
     stats = latent_stats(cache["z"])
     stats.update(latent_shape=list(latent_shape), image_shape=list(ds.shape), spacing=list(ds.config["spacing"]),
-                 organ=ds.config.get("organ", "pancreas"), fingerprint=ds.fingerprint)
+                 organ=ds.config.get("organ", "pancreas"), fingerprint=ds.fingerprint,
+                 vqgan_hash=file_hash(run / "vqgan" / "model.safetensors"))
     shift = torch.tensor(stats["shift"], device=dev).view(1, -1, 1, 1, 1)
     scale = torch.tensor(stats["scale"], device=dev).view(1, -1, 1, 1, 1)
 

@@ -14,6 +14,7 @@ restarts are global (``lad.models.quantizer``); rank 0 alone writes logs, checkp
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lad.training.checkpoint import CheckpointManager, capture_rng_state, restor
 from lad.training.common import (Logger, NonFiniteGuard, autocast, batch_indices, check_resume_config, check_run_part, data_state,
                                  gather_batch, make_grad_scaler, resolve_device, seed_step, slice_grid, step_generator,
                                  load_latest_checkpoint, save_checkpoint, validate_dataset)
+from lad.training.common import check_downstream, remove_downstream
 from lad.training.config import TrainConfig
 from lad.training.parallel import check_global_batch, shard_batch, sync_batchnorm, wrap_ddp
 from lad.utils.distributed import get_rank, get_world_size, init_distributed
@@ -47,6 +49,17 @@ def build_vqgan(cfg: TrainConfig):
                  downsample=tuple(m.downsample), embedding_dim=m.embedding_dim, num_embeddings=m.num_embeddings,
                  commitment_cost=m.commitment_cost, decay=m.decay, norm_num_groups=m.norm_num_groups,
                  dead_code_threshold=m.dead_code_threshold, architecture=m.architecture)
+
+
+def lr_at(step: int, t) -> float:
+    """Learning rate of step ``step`` (0-based) under ``t.lr_schedule``: constant, or a linear warm-up over
+    ``t.lr_warmup`` steps followed by a cosine decay from ``t.lr`` to 0 at step ``t.steps``."""
+    if t.lr_schedule == "constant":
+        return t.lr
+    if step < t.lr_warmup:
+        return t.lr * (step + 1) / t.lr_warmup
+    span = max(t.steps - t.lr_warmup, 1)
+    return t.lr * 0.5 * (1 + math.cos(math.pi * min(step - t.lr_warmup, span) / span))
 
 
 def open_training_data(data: str | Path, cfg: TrainConfig):
@@ -78,12 +91,14 @@ def _buffers(*modules: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor
 
 def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 device: str = "cpu", perceptual_weights: str | None = None, stop_after: int | None = None,
-                progress_bar: bool = True) -> Path:
+                progress_bar: bool = True, discard_diffusion: bool = False) -> Path:
     """Train (or resume) the VQ-GAN of ``run`` on the prepared dataset ``data``; returns ``RUN/vqgan``.
 
     ``stop_after`` ends this call after that many steps, as a killed job would (tests of resume).
     Errors (bad data, existing outputs without ``resume``/``overwrite``) are raised before anything
-    in ``run`` is written or deleted.
+    in ``run`` is written or deleted. A VQ-GAN that will change (``overwrite``, or ``resume`` with steps
+    left) while ``run`` holds a diffusion model trained on its latents is refused unless
+    ``discard_diffusion``, which deletes that model, its latent cache and ``latent_stats.json``.
     """
     from lad.models.perceptual import PerceptualLoss
     from lad.training.losses import VQGANLoss
@@ -103,10 +118,9 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
                      disc2d_weight=t.disc2d_weight, disc3d_weight=t.disc3d_weight, feature_matching_weight=t.feature_matching_weight,
                      locality_weight=t.locality_weight, disc_start=t.disc_start, disc_channels=t.disc_channels,
                      disc_layers=t.disc_layers, disc_kernel=t.disc_kernel, feature_matching=t.feature_matching).to(dev)
+    downstream = check_downstream(run, cfg, resume=resume, overwrite=overwrite, discard=discard_diffusion)
     check_run_part(run, VQGAN_OUTPUTS, resume=resume, overwrite=overwrite)
-    if overwrite and (run / "denoiser_ema").exists():
-        log.warning("%s: the diffusion model was trained on the previous VQ-GAN's latents; retrain it "
-                    "(lad train diffusion --overwrite) before sampling", run)
+    remove_downstream(run, downstream)
     run.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         save_config(cfg, run / "config.yaml")
@@ -134,6 +148,9 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     bar = progress(range(start, end), total=end - start, desc="vqgan", unit="step", disable=not progress_bar)
     t_last, n_last, t_data, running = time.perf_counter(), start, 0.0, float("nan")
     for step in bar:
+        for opt in (opt_g, opt_d):  # a function of the step alone: a resumed run continues it exactly
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, t)
         seed_step(cfg.seed, step, "vqgan")
         gen = step_generator(cfg.seed, step, "vqgan")
         t0 = time.perf_counter()

@@ -30,6 +30,52 @@ def _publish(path: Path, mode: int) -> None:
         os.chmod(path, mode & ~_UMASK)
 
 
+def _publish_tree(root: Path) -> None:
+    """``_publish`` a folder and everything written into it: some writers (safetensors) create 0600 files."""
+    _publish(root, 0o777)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            _publish(Path(dirpath) / d, 0o777)
+        for f in filenames:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                _publish(p, 0o666)
+
+
+def _named(e: OSError, final: Path, tmp: Path) -> OSError:
+    """The OS error with the output's own path: a failed ``write()`` carries no file name, and the
+    temporary name means nothing to the user."""
+    if e.errno is None or (e.filename is not None and not str(e.filename).startswith(str(tmp))):
+        return e
+    out = OSError(e.errno, e.strerror or os.strerror(e.errno), str(final))
+    out.__cause__ = e
+    return out
+
+
+def _as_os_error(e: BaseException, final: Path) -> OSError | None:
+    """A writer's failure as an ``OSError`` on ``final``, when it is one underneath: safetensors reports
+    ``... (os error 28)``, ``torch.save`` a ``RuntimeError`` from its zip writer when the disk is full."""
+    import errno
+    import re
+
+    if isinstance(e, OSError):
+        return e
+    text = str(e)
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(final))
+    if isinstance(e, RuntimeError) and any(k in text for k in ("PytorchStreamWriter", "inline_container", "file write failed")):
+        try:
+            full = shutil.disk_usage(final.parent).free < (1 << 20)
+        except OSError:
+            full = False
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final))
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        return OSError(errno.EIO, f"could not write ({first})", str(final))
+    return None
+
+
 def _tmp_name(final: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
@@ -53,6 +99,11 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         yield tmp
         _publish(tmp, 0o666)
         os.replace(tmp, final)
+    except Exception as e:
+        err = _as_os_error(e, final)
+        if err is None:
+            raise
+        raise _named(err, final, tmp) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -66,7 +117,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        _publish(tmp, 0o777)
+        _publish_tree(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -75,15 +126,20 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+    except Exception as e:
+        err = _as_os_error(e, final)
+        if err is None:
+            raise
+        raise _named(err, final, tmp) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically, UTF-8 whatever the locale (an ASCII locale would fail on a report's dash)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:

@@ -84,13 +84,14 @@ class SyntheticSample:
 
 def _read_pair(ct: Path, mask: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float] | None]:
     if ct.suffix == ".npy":
-        return np.load(ct), np.load(mask), None  # public-release style arrays carry no geometry
+        from lad.data.io import load_npy
+
+        return load_npy(ct), load_npy(mask), None  # public-release style arrays carry no geometry
     import SimpleITK as sitk
 
-    from lad.data.io import affine_dhw_to_ras, canonicalize, read_image
+    from lad.data.io import affine_dhw_to_ras, read_pair
 
-    img = canonicalize(read_image(ct))
-    msk = canonicalize(read_image(mask), is_label=True)
+    img, msk = read_pair(ct, mask)
     return sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(msk), axis_spacing(affine_dhw_to_ras(msk))
 
 
