@@ -25,6 +25,7 @@ VERB_MODULES = [
     "priors",
     "train",
     "sample",
+    "features",
     "evaluate",
     "ablate",
     "downstream",

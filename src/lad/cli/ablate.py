@@ -24,6 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--priors-data", action="append", default=[], metavar="NAME=PREPARED",
                    help="also train each variant on this prepared version of the same windows whose masks are priors "
                    "(e.g. from a weaker segmenter); rows are named VARIANT@NAME (repeatable)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train each variant N times (seeds SEED..SEED+N-1, same budget): mean, std, per-seed values, 95 %% "
+                   "intervals; a difference is marked significant only when the intervals do not overlap")
+    p.add_argument("--guidance", default="1", help="comma-separated guidance scales sampled from each trained model "
+                   "(e.g. 0,0.5,1,2,4: Table 3); one training per variant and seed")
+    p.add_argument("--masks", default="augmented,original",
+                   help="sample columns: augmented (Locality Condition Augmentation) and/or original training masks")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates of each metric's 95 %% interval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -42,10 +50,19 @@ def run(args: argparse.Namespace) -> int:
     res = run_ablation(args.data, args.out, preset=args.preset, variants=[v.strip() for v in args.variants.split(",")],
                        overrides=args.overrides, n_samples=args.n, steps=args.steps, seed=args.seed, device=args.device,
                        features=args.features, segmenter=args.segmenter, n_pairs=args.pairs,
-                       priors_data=priors)
+                       priors_data=priors, seeds=args.seeds, guidance=_floats(args.guidance),
+                       masks=[m.strip() for m in args.masks.split(",") if m.strip()], n_boot=args.bootstrap)
     width = max(8, *(len(n) for n in res["sets"]))
     print(f"{'variant':{width}} {'FID':>9} {'MMD':>9} {'FIDloc':>9} {'MMDloc':>9} {'MS-SSIM':>8}")
     for name, e in res["sets"].items():
         print(f"{name:{width}} {e['fid']:9.4g} {e['mmd']:9.4g} {e['fid_localized']:9.4g} {e['mmd_localized']:9.4g} {e['ms_ssim']:8.4f}")
+    print(f"tables: {args.out}/ablation.md, ablation.csv, ablation.png" + (", guidance.md, guidance.png" if "," in args.guidance else ""))
     print(f"report: {args.out}/evaluation/report.html")
     return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--guidance {text!r}: expected comma-separated numbers such as 0,0.5,1,2,4") from None

@@ -17,9 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="lad sample folder(s), optionally NAME=FOLDER; several make one comparison table (e.g. V0=... Lad=...)")
     p.add_argument("--out", required=True, help="report folder (metrics.json, report.html)")
     p.add_argument("--features", default="random-resnet10",
-                   help="medicalnet-resnet{10,18,34,50}:/path/weights.pth, or random-resnetN (default; labelled as such)")
+                   help="FEATURES_DIR from `lad features train` (in-domain), medicalnet-resnet{10,18,34,50}:/path/weights.pth, "
+                   "or random-resnetN (default; labelled 'untrained features')")
     p.add_argument("--segmenter", help="segmenter folder (lad priors train) for the conditioning-fidelity Dice and the anatomy-present check")
     p.add_argument("--pairs", type=positive_int, default=400, help="MS-SSIM pairs (default 400)")
+    p.add_argument("--bootstrap", type=int, default=200, help="replicates of each metric's 95 %% bootstrap interval (0: none)")
     p.add_argument("--ellipses", choices=["least-squares", "2-sigma"], default="least-squares",
                    help="MDS figure: least-squares ellipse fits (the paper's Figure 4, default) or 2-sigma covariance ellipses")
     p.add_argument("--seed", type=int, default=0)
@@ -34,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
     res = evaluate(args.real, parse_synthetic_args(args.synthetic), args.out, features=args.features, n_pairs=args.pairs,
                    seed=args.seed, device=args.device, overwrite=args.overwrite, segmenter=args.segmenter,
-                   ellipses=args.ellipses)
+                   ellipses=args.ellipses, n_boot=args.bootstrap)
     for name, e in res["sets"].items():
-        print(f"{name}: FID {e['fid']:.4g} MMD {e['mmd']:.4g} FIDloc {e['fid_localized']:.4g} MMDloc {e['mmd_localized']:.4g} "
+        ci = e.get("fid_ci95")
+        print(f"{name}: FID {e['fid']:.4g}{f' [{ci[0]:.4g}, {ci[1]:.4g}]' if ci else ''} MMD {e['mmd']:.4g} FIDloc {e['fid_localized']:.4g} MMDloc {e['mmd_localized']:.4g} "
               f"MS-SSIM {e['ms_ssim']:.4f} (real {res['real']['ms_ssim']:.4f}) N={e['n']}")
     print(f"report: {args.out}/report.html")
     return 0

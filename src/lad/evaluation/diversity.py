@@ -125,7 +125,8 @@ def pairwise_ms_ssim(volumes: Sequence[Any], n_pairs: int = 400, seed: int = 0, 
 
     All pairs are used when fewer than ``n_pairs`` exist. ``volumes``: a sequence (random access) of
     same-shape ``(D, H, W)`` / ``(1, D, H, W)`` volumes in [0, 1]. Returns ``MetricResult(mean, n_a=number
-    of pairs, n_b=number of volumes, details={setup..., "std", "seed"})``; lower = more diverse.
+    of pairs, n_b=number of volumes, details={setup..., "std", "seed", "values" (per pair, for intervals)})``;
+    lower = more diverse.
     """
     n = len(volumes)
     if n < 2:
@@ -143,4 +144,4 @@ def pairwise_ms_ssim(volumes: Sequence[Any], n_pairs: int = 400, seed: int = 0, 
             xb = torch.stack([_as_dhw(volumes[j]) for _, j in chunk]).to(device)
             vals += _ms_ssim_batch(xa, xb, setup).tolist()
             bar.update(len(chunk))
-    return MetricResult(float(np.mean(vals)), len(pairs), n, {**setup, "std": float(np.std(vals)), "seed": seed})
+    return MetricResult(float(np.mean(vals)), len(pairs), n, {**setup, "std": float(np.std(vals)), "seed": seed, "values": vals})

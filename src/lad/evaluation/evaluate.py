@@ -112,13 +112,19 @@ def check_evaluate_args(real: str | Path, synthetic: dict[str, Path], out: str |
 
 def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, features: str = "random-resnet10",
              n_pairs: int = 400, seed: int = 0, device: str = "cpu", overwrite: bool = False,
-             segmenter: str | Path | None = None, ellipses: str = "least-squares") -> dict[str, Any]:
+             segmenter: str | Path | None = None, ellipses: str = "least-squares", n_boot: int = 200) -> dict[str, Any]:
     """Compute every metric for each synthetic set against the real prepared dataset; write the report.
 
-    ``ellipses``: the MDS figure's, "least-squares" fits (the paper's) or "2-sigma" (``report.fit_ellipse``)."""
+    ``ellipses``: the MDS figure's, "least-squares" fits (the paper's) or "2-sigma" (``report.fit_ellipse``).
+    ``features``: a ``lad features train`` folder (in-domain) or a ``FeatureExtractor.from_spec`` string.
+    ``n_boot``: bootstrap replicates of each metric's 95 % interval (``X_ci95`` beside ``X``; 0 = none).
+    """
     from lad.evaluation.report import ELLIPSES
+    from lad.evaluation.uncertainty import add_intervals, bootstrap_settings, mean_ci
     from lad.utils.atomic import prepare_output_dir
 
+    if n_boot < 0:
+        raise ValueError(f"--bootstrap must be >= 0 (0: no intervals), got {n_boot}")
     if ellipses not in ELLIPSES:
         raise ValueError(f"ellipses must be one of {ELLIPSES}, got {ellipses!r}")
     t0 = time.perf_counter()
@@ -133,7 +139,8 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
         log.warning("%s: fewer than two held-out (test) windows; using the training windows as the real set", real)
         real_vols, real_masks, real_organs = train_vols, train_masks, [train_ds[i]["organs"][0] for i in range(len(train_ds))]
     box = max_bounding_box(train_masks)
-    fx = FeatureExtractor.from_spec(features, device=device)
+    fx = FeatureExtractor.from_spec(str(features), device=device)
+    _check_feature_split(fx, real)
     cache = out / "feature_cache"
     f_real = fx.extract(real_vols, n=len(real_vols), cache_dir=cache)
     f_real_loc = fx.extract([apply_box(v, box) for v in real_vols], n=len(real_vols))
@@ -148,13 +155,17 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     ref, real_checks = _anatomy_reference(real_vols, real_masks, seg, device)
     results: dict[str, Any] = {
         "real": {"path": str(real), "n": len(real_vols), "n_train": len(train_vols), "ms_ssim": real_div.value,
+                 "ms_ssim_ci95": mean_ci(real_div.details.pop("values"), n_boot=n_boot, seed=seed) if n_boot else None,
                  "ms_ssim_pairs": real_div.n_a,
                  "hu_hist": {"organ": _hu_hist(real_vols, real_masks, lambda m: m == 1, bins),
                              "liver": _hu_hist(real_vols, real_organs, lambda m: m == 1, bins)},
                  "split": real_split,
-                 **ref.summarize(real_checks["checks"]), **({"fidelity_dice": real_checks["fidelity"]} if seg is not None else {})},
+                 **ref.summarize(real_checks["checks"]), **({"fidelity_dice": real_checks["fidelity"]} if seg is not None else {}),
+                 **({"fidelity_dice_ci95": real_checks["fidelity_ci95"](n_boot, seed)} if seg is not None and n_boot else {})},
         "sets": {},
-        "settings": {"features": fx.label, "pretrained_features": fx.is_pretrained, "localized_box": [[s.start, s.stop] for s in box],
+        "settings": {"features": fx.label, "features_kind": fx.kind, "features_trained_on": fx.trained_on and
+                     {k: v for k, v in fx.trained_on.items() if k != "windows"}, "bootstrap": bootstrap_settings(n_boot, seed),
+                     "pretrained_features": fx.is_pretrained, "localized_box": [[s.start, s.stop] for s in box],
                      "ms_ssim": real_div.details, "n_pairs": n_pairs, "seed": seed, "hu_bins": bins.tolist(),
                      "anatomy": ref.to_dict(), "mds_ellipses": ellipses},
         "versions": _versions(),
@@ -175,13 +186,16 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
             "prdc": prdc(f_real, f_syn, k=min(5, len(f_real) - 1, len(f_syn) - 1)),
             "memorisation": memorisation_report(f_syn, f_train, f_real),
             "hu_hist": {"organ": _hu_hist(vols, masks, lambda m: m == 1, bins)},
-            "n_features_dim": r_fid.details["feature_dim"],
+            "n_features_dim": r_fid.details["feature_dim"], "mmd_localized_bandwidth": l_mmd.details["bandwidth"],
             "selection": selection_summary(Path(folder)),  # the optional median-HU redraws of `lad sample`
         }
+        add_intervals(entry, f_real, f_syn, f_real_loc, f_syn_loc, ms_ssim_values=div.details["values"], n_boot=n_boot, seed=seed)
         scored = _score_set(ref, vols, masks, seg, device)
         entry.update(ref.summarize(scored["checks"]))
         if seg is not None:
             entry["fidelity_dice"] = scored["fidelity"]
+            if n_boot:
+                entry["fidelity_dice_ci95"] = scored["fidelity_ci95"](n_boot, seed)
         entry["hu_w1"] = {k: _w1(scored["hu"][k], real_checks["hu"][k]) for k in ("organ", "body")}
         recon = _vqgan_reconstruction(Path(folder))
         if recon is not None:
@@ -230,7 +244,7 @@ def _score_set(ref: AnatomyReference | None, vols: list[np.ndarray], masks: list
         else:
             labels.append(pred)
             hus.append(hu)
-    return {"checks": checks, "fidelity": fd.value(), "hu": hu_s, "labels": labels, "hus": hus}
+    return {"checks": checks, "fidelity": fd.value(), "fidelity_ci95": fd.ci95, "hu": hu_s, "labels": labels, "hus": hus}
 
 
 def _w1(a, b) -> float | None:
@@ -258,6 +272,26 @@ def _vqgan_reconstruction(folder: Path) -> dict[str, Any] | None:
     if path is None or not path.exists():
         return None
     return {**json.loads(path.read_text()), "path": str(path)}
+
+
+def _check_feature_split(fx: FeatureExtractor, real: Path) -> None:
+    """In-domain features must not have seen the held-out windows they are now evaluated on."""
+    if not fx.trained_on or Path(fx.trained_on.get("trained_on", "")).resolve() != real.resolve():
+        return
+    test_ids = _test_ids(real)
+    if len(test_ids) < 2:
+        log.warning("%s: fewer than two held-out windows, so the real set is the training split the in-domain features "
+                    "were trained on: the numbers are optimistic", real)
+    seen = set(fx.trained_on.get("windows", [])) & test_ids
+    if seen:
+        raise ValueError(f"--features was trained on {len(seen)} held-out (test) windows of {real} (e.g. {sorted(seen)[0]}); "
+                         "train it on the training split only (`lad features train` reads only the train split)")
+
+
+def _test_ids(real: Path) -> set[str]:
+    from lad.data.dataset import PreparedDataset
+
+    return {w["id"] for w in PreparedDataset(real, split="test").windows}
 
 
 def _versions() -> dict[str, str]:

@@ -19,6 +19,12 @@ Output: global average pool of layer 4 -> 512 features (resnet10/18/34) or 2048 
 Preprocessing (MedicalNet ``itensity_normalize_one_volume``): per volume, subtract the mean and divide
 by the std of its non-zero voxels. MedicalNet's training loader then fills zero voxels with random
 noise; we keep them at their normalised value so features are deterministic.
+
+In-domain features: ``from_spec(FEATURES_DIR)`` (or ``"lad:FEATURES_DIR"``) loads the network that ``lad
+features train`` trained on the prepared training windows (``lad.evaluation.ct_features``); its input is
+the [0, 1] volume as is (no per-volume normalisation, so global HU shifts stay visible). ``kind`` is
+``"in-domain"``, ``"medicalnet"`` or ``"untrained"`` (the random-initialised network; its label starts
+with "untrained features").
 """
 
 from __future__ import annotations
@@ -108,27 +114,65 @@ class FeatureExtractor:
         self.depth = depth
         self.feature_dim = 2048 if depth >= 50 else 512
         self.is_pretrained = weights is not None
+        self._forward = self.net
+        self._prep = normalise_nonzero
+        self.trained_on: dict[str, Any] | None = None
         if weights is not None:
             path = Path(weights)
             self._load(path)
+            self.kind = "medicalnet"
             self.label = f"MedicalNet resnet{depth} ({path.name})"
             self.fingerprint = _sha256_file(path)[:16]
         else:
-            self.label = f"random-init resnet{depth} (seed {seed}) — not MedicalNet; comparable only with the same extractor"
-            self.fingerprint = hashlib.sha256(f"{self.label}|torch {torch.__version__}".encode()).hexdigest()[:16]
+            self.kind = "untrained"
+            self.label = (f"untrained features: random-init resnet{depth} (seed {seed}) — not MedicalNet; "
+                          "comparable only with the same extractor")
+            self.fingerprint = hashlib.sha256(f"{self.label.removeprefix('untrained features: ')}|torch {torch.__version__}".encode()).hexdigest()[:16]
         self.device = torch.device(device)
         self.net.to(self.device).eval()
 
     @classmethod
+    def from_trained(cls, path: str | Path, device: str | torch.device = "cpu") -> "FeatureExtractor":
+        """The in-domain network of ``lad features train`` (folder ``path`` or its ``model/`` subfolder)."""
+        from lad.evaluation.ct_features import CTFeatureNet, model_dir
+
+        mdir = model_dir(path)
+        self = cls.__new__(cls)
+        self.net = CTFeatureNet.from_pretrained(mdir)
+        self.depth = None
+        self.feature_dim = self.net.feature_dim
+        self.is_pretrained = True
+        self.kind = "in-domain"
+        extra = CTFeatureNet.load_config_file(mdir).get("_extra", {})
+        self.trained_on = {k: extra[k] for k in ("trained_on", "split", "windows", "steps") if k in extra}
+        self.label = f"in-domain features: CTFeatureNet trained on {extra.get('split', '?')} windows ({Path(path).resolve().name})"
+        self.fingerprint = _sha256_file(mdir / "model.safetensors")[:16]
+        self.device = torch.device(device)
+        self.net.to(self.device).eval()
+        self._forward = self.net.features
+        self._prep = lambda x: x.float()
+        return self
+
+    @classmethod
     def from_spec(cls, spec: str = "random-resnet10", device: str | torch.device = "cpu") -> "FeatureExtractor":
-        """``"medicalnet-resnetN:/path/to/weights.pth"`` or ``"random-resnetN"`` (N in 10, 18, 34, 50)."""
+        """``"medicalnet-resnetN:/path/to/weights.pth"``, ``"random-resnetN"`` (N in 10, 18, 34, 50), or a
+        ``lad features train`` folder (``"FEATURES_DIR"`` or ``"lad:FEATURES_DIR"``)."""
+        from lad.evaluation.ct_features import is_feature_dir
+
+        if spec.startswith("lad:"):
+            if not is_feature_dir(spec[4:]):
+                raise ValueError(f"--features {spec!r}: {spec[4:]} is not a `lad features train` folder")
+            return cls.from_trained(spec[4:], device=device)
+        if is_feature_dir(spec):
+            return cls.from_trained(spec, device=device)
         m = re.fullmatch(r"medicalnet-resnet(\d+):(.+)", spec)
         if m:
             return cls(depth=int(m.group(1)), weights=m.group(2), device=device)
         m = re.fullmatch(r"random-resnet(\d+)", spec)
         if m:
             return cls(depth=int(m.group(1)), device=device)
-        raise ValueError(f"--features: expected medicalnet-resnetN:/path/to/weights.pth or random-resnetN, got {spec!r}")
+        raise ValueError(f"--features: expected a `lad features train` folder, medicalnet-resnetN:/path/to/weights.pth "
+                         f"or random-resnetN, got {spec!r}")
 
     def _load(self, path: Path) -> None:
         if not path.is_file():
@@ -155,7 +199,7 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, 1, D, H, W)`` float in [0, 1] -> ``(B, feature_dim)`` float32 on CPU."""
-        return self.net(normalise_nonzero(x.to(self.device))).float().cpu()
+        return self._forward(self._prep(x.to(self.device))).float().cpu()
 
     def cache_key(self, volume: np.ndarray) -> str:
         """Cache file stem: hash of the volume's bytes, shape and dtype + this extractor's fingerprint."""

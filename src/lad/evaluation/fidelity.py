@@ -41,17 +41,36 @@ class FidelityDice:
         self.organ_id, self.tumor_id = ORGAN_LABELS[organ], ORGAN_LABELS["tumor"]
         self.inter = {"organ": 0, "tumor": 0}
         self.total = {"organ": 0, "tumor": 0}
+        self.per_volume: list[dict[str, tuple[int, int]]] = []  # (intersection, total) per volume, for intervals
 
     def update(self, pred: np.ndarray, mask: np.ndarray) -> None:
         """``pred``: organ label map ``(D, H, W)``; ``mask``: Lad mask ``(D, H, W)`` in {0, 1, 2}."""
+        counts = {}
         for key, p, g in (("organ", np.isin(pred, (self.organ_id, self.tumor_id)), mask > 0),
                           ("tumor", pred == self.tumor_id, mask == 2)):
-            self.inter[key] += int(np.logical_and(p, g).sum())
-            self.total[key] += int(p.sum() + g.sum())
+            counts[key] = (int(np.logical_and(p, g).sum()), int(p.sum() + g.sum()))
+            self.inter[key] += counts[key][0]
+            self.total[key] += counts[key][1]
+        self.per_volume.append(counts)
 
     def value(self) -> dict[str, float]:
         """``{"organ": ..., "tumor": ...}`` (a key is left out when neither side has that label)."""
         return {k: 2 * self.inter[k] / self.total[k] for k in self.inter if self.total[k] > 0}
+
+    def ci95(self, n_boot: int = 200, seed: int = 0, level: float = 0.95) -> dict[str, list[float]]:
+        """Bootstrap interval of each ``value()`` key: volumes resampled with replacement, counts re-summed."""
+        from lad.evaluation.uncertainty import bootstrap_indices, ci_from_replicates
+
+        if n_boot < 1 or not self.per_volume:
+            return {}
+        idx = bootstrap_indices(len(self.per_volume), n_boot, np.random.default_rng(seed))
+        out = {}
+        for k, v in self.value().items():
+            inter = np.array([c[k][0] for c in self.per_volume], np.float64)
+            total = np.array([c[k][1] for c in self.per_volume], np.float64)
+            reps = [2 * inter[r].sum() / total[r].sum() if total[r].sum() > 0 else np.nan for r in idx]
+            out[k] = [min(1.0, max(0.0, x)) for x in ci_from_replicates(reps, v, level)]
+        return out
 
 
 def conditioning_fidelity(segmenter: str | Path, volumes: list[np.ndarray], masks: list[np.ndarray], *, organ: str = "pancreas",

@@ -184,6 +184,11 @@ def _hist_figure(results: dict[str, Any]) -> str:
     return _png(fig)
 
 
+def _ci(value: float, ci: Any, fmt: str = ".4g") -> str:
+    """``value [low, high]`` (the bootstrap 95 % interval stored as the ``*_ci95`` sibling), or the value alone."""
+    if not ci or len(ci) != 2 or not all(np.isfinite(ci)):
+        return f"{value:{fmt}}"
+    return f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 def _selection_text(sel: dict[str, Any] | None) -> str:
     """The median-HU selection of a sample set, as the report shows it (``lad.sampling.generate.selection_summary``)."""
     if not sel or not sel.get("quality_check"):
@@ -199,18 +204,19 @@ def _table(results: dict[str, Any]) -> str:
                   "<th>selection</th><th>N</th>")
     rows = []
     for name, e in results["sets"].items():
-        cells = "".join(f"<td>{e[k]:.4g}</td>" for _, k in cols)
-        fd = e.get("fidelity_dice")
-        fd_txt = ", ".join(f"{k} {v:.3f}" for k, v in fd.items()) if fd else "n/a (no --segmenter)"
-        cells += (f"<td>{e['prdc']['precision']:.3f}</td><td>{e['prdc']['recall']:.3f}</td><td>{e['prdc']['coverage']:.3f}</td>"
-                  f"<td>{e['memorisation']['n_flagged']}/{e['n']}</td><td>{html.escape(fd_txt)}</td>"
+        cells = "".join(f"<td>{_ci(e[k], e.get(k + '_ci95'))}</td>" for _, k in cols)
+        fd, fd_ci = e.get("fidelity_dice"), e.get("fidelity_dice_ci95", {})
+        fd_txt = ", ".join(f"{k} {_ci(v, fd_ci.get(k), '.3f')}" for k, v in fd.items()) if fd else "n/a (no --segmenter)"
+        pci = e.get("prdc_ci95", {})
+        cells += ("".join(f"<td>{_ci(e['prdc'][q], pci.get(q), '.3f')}</td>" for q in ("precision", "recall", "coverage"))
+                  + f"<td>{e['memorisation']['n_flagged']}/{e['n']}</td><td>{html.escape(fd_txt)}</td>"
                   f"<td>{html.escape(_selection_text(e.get('selection')))}</td><td>{e['n']}</td>")
         rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
     real = results["real"]
-    fd = real.get("fidelity_dice")
-    fd_txt = html.escape(", ".join(f"{k} {v:.3f}" for k, v in fd.items()) + " (ceiling)") if fd else ""
-    rows.append(f"<tr><th>real (held-out)</th><td colspan=4></td><td>{real['ms_ssim']:.4g}</td><td colspan=4></td><td>{fd_txt}</td>"
-                f"<td></td><td>{real['n']}</td></tr>")
+    fd, fd_ci = real.get("fidelity_dice"), real.get("fidelity_dice_ci95", {})
+    fd_txt = html.escape(", ".join(f"{k} {_ci(v, fd_ci.get(k), '.3f')}" for k, v in fd.items()) + " (ceiling)") if fd else ""
+    rows.append(f"<tr><th>real (held-out)</th><td colspan=4></td><td>{_ci(real['ms_ssim'], real.get('ms_ssim_ci95'))}</td>"
+                f"<td colspan=4></td><td>{fd_txt}</td><td></td><td>{real['n']}</td></tr>")
     return f"<table><tr><th></th>{head}{extra_head}</tr>{''.join(rows)}</table>"
 
 
@@ -288,8 +294,17 @@ def write_report(out: Path, results: dict[str, Any], embeds: dict[str, np.ndarra
     """Write ``out/report.html`` (self-contained: images embedded); ``ellipses``: the MDS figure's (``fit_ellipse``)."""
     s = results["settings"]
     warn = "" if s["pretrained_features"] else (
-        "<p class=warn>Features come from a <b>random-initialised</b> 3D ResNet (no MedicalNet weights given): "
-        "FID/MMD/PRDC values are comparable only with numbers from the same extractor, not with the paper's.</p>")
+        "<p class=warn><b>Untrained features</b>: a <b>random-initialised</b> 3D ResNet (no MedicalNet weights, no "
+        "<code>lad features train</code> folder given): FID/MMD/PRDC values are comparable only with numbers from the "
+        "same extractor, not with the paper's.</p>")
+    if s.get("features_kind") == "in-domain":
+        warn = ("<p>In-domain features: a 3D network trained by <code>lad features train</code> to segment the organs of "
+                "the prepared training windows (never the held-out ones); comparable only with numbers from the same "
+                "feature folder.</p>")
+    boot = s.get("bootstrap")
+    if boot and boot.get("replicates"):
+        warn += (f"<p>Brackets: 95 % bootstrap intervals over volumes ({boot['replicates']} replicates, seed {boot['seed']}, "
+                 "bias-corrected percentile); they show the sampling spread at this N, not the spread over training runs.</p>")
     if not s.get("selection_identical", True):
         warn += ("<p class=warn>The synthetic sets were sampled with <b>different median-HU selection</b> settings (column "
                  "'selection'): their metrics are not comparable.</p>")
