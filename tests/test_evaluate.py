@@ -97,3 +97,36 @@ def test_mds_ellipses_least_squares_fit_and_two_sigma():
     assert fit_ellipse(pts[:4]) is None
     with pytest.raises(ValueError, match="ellipses must be"):
         fit_ellipse(pts, "circle")
+
+
+def test_real_vs_real_floor_halves_and_distances():
+    """The floor splits the real windows into two disjoint seeded halves covering all of them; identical feature
+    sets score FID 0 and a shifted set a larger FID and MMD."""
+    import numpy as np
+
+    from lad.evaluation.evaluate import _feature_distances, _real_halves
+
+    assert _real_halves(3, 0) is None
+    a, b = _real_halves(11, 0)
+    assert len(a) == 5 and len(b) == 6 and set(a) | set(b) == set(range(11)) and not set(a) & set(b)
+    a2, _ = _real_halves(11, 0)
+    assert np.array_equal(a, a2)
+    f = np.random.default_rng(0).normal(size=(20, 6))
+    same = _feature_distances(f, f, f, f)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["fid_localized"] == pytest.approx(0.0, abs=1e-6)
+    moved = _feature_distances(f, f + 2.0, f, f + 2.0)
+    assert moved["fid"] == pytest.approx(6 * 4.0, rel=1e-6) and moved["mmd"] > same["mmd"]
+
+
+def test_evaluate_reports_the_floor_beside_each_set(tiny_run, tiny_prepared, tmp_path):
+    """With at least 4 real windows metrics.json holds the real-vs-real floor and each set's like-for-like score."""
+    generate_samples(tiny_run, tiny_prepared, tmp_path / "a", SampleSettings(n=3, steps=2))
+    m = evaluate(tiny_prepared, {"Lad": tmp_path / "a"}, tmp_path / "rep", n_pairs=2)
+    n_real = m["real"]["n"]
+    if n_real < 4:
+        assert "floor" not in m["real"]
+        pytest.skip(f"the tiny dataset has {n_real} real windows")
+    floor, e = m["real"]["floor"], m["sets"]["Lad"]
+    assert floor["n_a"] + floor["n_b"] == n_real and floor["fid"] >= 0
+    assert e["vs_half"]["n"] == min(floor["n_a"], 3) and e["vs_half"]["n_real"] == floor["n_b"]
+    assert "Real-vs-real floor" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")

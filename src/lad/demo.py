@@ -192,6 +192,13 @@ def write_summary(out: str | Path) -> dict[str, float]:
                         f"{key}_body_hu_w1": e["hu_w1"]["body"], f"{key}_fidelity_dice": (e.get("fidelity_dice") or {}).get("organ"),
                         f"{key}_fid": e["fid"], f"{key}_fid_localized": e["fid_localized"], f"{key}_n": e["n"]})
     real = m["real"]
+    floor = real.get("floor") or {}
+    summary.update({"real_floor_fid": floor.get("fid"), "real_floor_fid_localized": floor.get("fid_localized"),
+                    "real_floor_mmd": floor.get("mmd"), "real_floor_n": floor.get("n_a")})
+    for key, name in _SETS.items():
+        half = (m["sets"].get(name) or {}).get("vs_half") or {}
+        summary.update({f"{key}_fid_vs_half": half.get("fid"), f"{key}_fid_localized_vs_half": half.get("fid_localized"),
+                        f"{key}_mmd_vs_half": half.get("mmd")})
     summary.update({"real_anatomy_present_fraction": anatomy_mean(real), "real_body_ok_fraction": real.get("body_ok_fraction"),
                     "real_bone_ok_fraction": real.get("bone_ok_fraction"),
                     "real_fidelity_dice": (real.get("fidelity_dice") or {}).get("organ"), "real_n": real["n"],

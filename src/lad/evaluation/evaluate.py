@@ -45,6 +45,20 @@ def parse_synthetic_args(items: list[str]) -> dict[str, Path]:
     return out
 
 
+def _real_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A seeded split of the ``n`` real windows into two halves (None below 4 windows): the real-vs-real floor."""
+    if n < 4:
+        return None
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+
+
+def _feature_distances(fa, fb, fa_loc, fb_loc) -> dict[str, float]:
+    """Holistic and localized FID and MMD between two feature sets."""
+    return {"fid": fid(fa, fb).value, "mmd": mmd(fa, fb).value, "fid_localized": fid(fa_loc, fb_loc).value,
+            "mmd_localized": mmd(fa_loc, fb_loc).value}
+
+
 def load_synthetic(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Volumes in [0, 1] ``(1, D, H, W)`` and their conditioning masks ``(D, H, W)`` from a sample folder."""
     import SimpleITK as sitk
@@ -170,6 +184,11 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
                      "anatomy": ref.to_dict(), "mds_ellipses": ellipses},
         "versions": _versions(),
     }
+    floor_idx = _real_halves(len(real_vols), seed)
+    if floor_idx is not None:
+        a, b = floor_idx
+        results["real"]["floor"] = {**_feature_distances(f_real[a], f_real[b], f_real_loc[a], f_real_loc[b]),
+                                    "n_a": len(a), "n_b": len(b)}
     embeds = {"real": f_real}
     figures_data = {}
     for name, folder in synthetic.items():
@@ -190,6 +209,10 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
             "selection": selection_summary(Path(folder)),  # the optional median-HU redraws of `lad sample`
         }
         add_intervals(entry, f_real, f_syn, f_real_loc, f_syn_loc, ms_ssim_values=div.details["values"], n_boot=n_boot, seed=seed)
+        if floor_idx is not None:  # like-for-like with the real-vs-real floor: the same half, the same N
+            a, b = floor_idx
+            k = min(len(a), len(vols))
+            entry["vs_half"] = {**_feature_distances(f_syn[:k], f_real[b], f_syn_loc[:k], f_real_loc[b]), "n": k, "n_real": len(b)}
         scored = _score_set(ref, vols, masks, seg, device)
         entry.update(ref.summarize(scored["checks"]))
         if seg is not None:

@@ -265,6 +265,27 @@ def _anatomy_table(results: dict[str, Any]) -> str:
     return f"<h2>Anatomy and realism checks</h2><table><tr><th></th>{head}</tr>{''.join(rows)}</table>{note}"
 
 
+def _floor_table(results: dict[str, Any]) -> str:
+    """FID / MMD of two halves of the real windows (the floor a perfect generator would reach at this N) beside
+    each synthetic set against the same second half with as many volumes as the first half."""
+    floor = results["real"].get("floor")
+    if not floor:
+        return ""
+    keys = ("fid", "mmd", "fid_localized", "mmd_localized")
+    head = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in keys) + "<th>N vs N</th>"
+
+    def row(name: str, e: dict[str, Any], n: str) -> str:
+        return f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{_fmt(e[k], '.4g')}</td>" for k in keys) + f"<td>{n}</td></tr>"
+
+    rows = [row("real vs real (floor)", floor, f"{floor['n_a']} vs {floor['n_b']}")]
+    rows += [row(name, e["vs_half"], f"{e['vs_half']['n']} vs {e['vs_half']['n_real']}")
+             for name, e in results["sets"].items() if e.get("vs_half")]
+    return ("<h2>Real-vs-real floor</h2><p>The held-out windows split in two seeded halves: FID and MMD between the halves are "
+            "what a generator indistinguishable from real data would score at this N (FID is biased upward at small N); each "
+            "set is scored against the same second half with as many volumes as the first half.</p>"
+            f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>")
+
+
 def _reconstruction_table(results: dict[str, Any]) -> str:
     """The VQ-GAN reconstruction report of each set's run folder, when it has one."""
     from lad.evaluation.reconstruction import RECON_ORGANS
@@ -324,7 +345,7 @@ masks, box (D, H, W) = <code>{s['localized_box']}</code>, applied to real and sy
 MS-SSIM over up to {s['n_pairs']} random pairs (seed {s['seed']}), kernel {s['ms_ssim']['kernel_size']},
 {s['ms_ssim']['scales']} scales; lower = more diverse. Memorised = synthetic volumes closer to a training volume
 than any held-out real volume is. Real held-out N = {results['real']['n']}, training N = {results['real']['n_train']}.</p>
-{_anatomy_table(results)}{_reconstruction_table(results)}
+{_floor_table(results)}{_anatomy_table(results)}{_reconstruction_table(results)}
 <h2>Figures</h2>{fig_html}
 <h2>Versions</h2><pre>{html.escape(str(results['versions']))}</pre>
 </body></html>"""
