@@ -61,8 +61,10 @@ def run_budget(demo: Path, work: Path, k: float, args) -> dict:
     generate_samples(run, demo / "prepared", samples, SampleSettings(n=p["samples"], steps=p["steps"], sampler="ddim",
                                                                    guidance=1.0, seed=args.seed),
                      device=args.device, batch_size=4, overwrite=True)
+    features = demo / "features"  # the demo's in-domain feature network, when it has one
     evaluate(demo / "prepared", {"Lad": samples}, ev, n_pairs=p["pairs"], seed=args.seed, device=args.device,
-             segmenter=demo / "segmenter", overwrite=True)
+             segmenter=demo / "segmenter", overwrite=True,
+             **({"features": str(features)} if (features / "config.json").exists() else {}))
     m = json.loads((ev / "metrics.json").read_text())
     e, real = m["sets"]["Lad"], m["real"]
     rec = e.get("vqgan_reconstruction") or json.loads((run / "vqgan_reconstruction.json").read_text())
@@ -75,7 +77,9 @@ def run_budget(demo: Path, work: Path, k: float, args) -> dict:
            "lad_organ_hu_w1": e["hu_w1"]["organ"], "lad_body_hu_w1": e["hu_w1"]["body"],
            "lad_fidelity_dice": (e.get("fidelity_dice") or {}).get("organ"),
            "real_anatomy_present_fraction": (real.get("anatomy") or {}).get("mean_liver_kidney_spleen"),
-           "real_fidelity_dice": (real.get("fidelity_dice") or {}).get("organ"), "n": e["n"], "n_real": real["n"]}
+           "real_fidelity_dice": (real.get("fidelity_dice") or {}).get("organ"), "n": e["n"], "n_real": real["n"],
+           "fid": e["fid"], "fid_ci95": e.get("fid_ci95"), "fid_vs_half": (e.get("vs_half") or {}).get("fid"),
+           "real_floor_fid": (real.get("floor") or {}).get("fid")}
     return row
 
 
