@@ -64,7 +64,7 @@ def run_budget(demo: Path, work: Path, k: float, args) -> dict:
     features = demo / "features"  # the demo's in-domain feature network, when it has one
     evaluate(demo / "prepared", {"Lad": samples}, ev, n_pairs=p["pairs"], seed=args.seed, device=args.device,
              segmenter=demo / "segmenter", overwrite=True,
-             **({"features": str(features)} if (features / "config.json").exists() else {}))
+             **({"features": str(features)} if features.is_dir() else {}))
     m = json.loads((ev / "metrics.json").read_text())
     e, real = m["sets"]["Lad"], m["real"]
     rec = e.get("vqgan_reconstruction") or json.loads((run / "vqgan_reconstruction.json").read_text())

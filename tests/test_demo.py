@@ -14,7 +14,7 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     report = run_demo(out, preset="tiny")
     html = report.read_text()
-    assert "Lad" in html and "V0 (Medical Diffusion)" in html and "Illustrative numbers" in html
+    assert "Lad" in html and "V0 (Medical Diffusion)" in html and "What these numbers are" in html and "real-vs-real floor" in html
     assert "Pipeline settings" in html and "Time per stage" in html and "exactly Lad's budget" in html
     # curves, MDS, slices, histograms, closest synthetic-training pairs
     assert len(re.findall(r"data:image/png;base64,", html)) == 5
