@@ -71,7 +71,7 @@ def test_evaluate_uses_in_domain_features_and_refuses_leaked_ones(tiny_features,
     assert res["settings"]["features_kind"] == "in-domain" and res["settings"]["features_trained_on"]["split"] == "train"
     e = res["sets"]["Lad"]
     assert e["n_features_dim"] == FeatureExtractor.from_spec(str(out)).feature_dim
-    html = (tmp_path / "rep" / "report.html").read_text()
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     assert "In-domain features" in html and "Untrained features" not in html
     # a feature folder whose training windows include held-out ones is refused
     leaked = tmp_path / "leaked"

@@ -64,7 +64,7 @@ def test_evaluate_stores_an_interval_beside_every_metric(tiny_run, tiny_prepared
     assert 0 <= e["memorisation"]["flagged_fraction_ci95"][0] <= e["memorisation"]["flagged_fraction_ci95"][1] <= 1
     assert len(m["real"]["ms_ssim_ci95"]) == 2 and m["settings"]["bootstrap"]["replicates"] == 30
     assert m["settings"]["features_kind"] == "untrained"
-    html = (tmp_path / "rep" / "report.html").read_text()
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     lo, hi = e["fid_ci95"]
     assert f"{e['fid']:.4g} [{lo:.4g}, {hi:.4g}]" in html and "Untrained features" in html
     evaluate(tiny_prepared, {"Lad": tmp_path / "s"}, tmp_path / "rep2", n_pairs=4, n_boot=30, seed=5)
