@@ -22,7 +22,7 @@ from typing import Any
 
 from lad.utils.atomic import write_json, write_text
 
-__all__ = ["parse_shard", "shard_indices", "SampleFolder"]
+__all__ = ["parse_shard", "shard_indices", "SampleFolder", "finished_samples"]
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -189,3 +189,31 @@ class SampleFolder:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finished_samples(folder: str | Path, keys: tuple[str, ...] = ("ct",)) -> list[tuple[dict[str, Any], dict[str, Path]]]:
+    """``(record, {key: file})`` of every finished sample of a ``lad sample`` folder, in manifest order, for the
+    record's ``files`` entries ``keys``. Raises ``FileNotFoundError`` for a missing folder, manifest or listed
+    file and ``ValueError`` for a line that is not a sample record or a folder with no finished sample."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: synthetic samples folder does not exist (give a `lad sample` output folder)")
+    manifest = folder / "manifest.jsonl"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{folder}: not a lad sample folder (no manifest.jsonl; run `lad sample` first)")
+    out = []
+    for n, line in enumerate(manifest.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            files = {k: folder / rec["files"][k] for k in keys}
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{manifest}: line {n + 1} is not a sample record ({e})") from None
+        for f in files.values():
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: listed in {manifest} but missing")
+        out.append((rec, files))
+    if not out:
+        raise ValueError(f"{folder}: the samples folder holds no finished samples")
+    return out

@@ -114,29 +114,9 @@ def original_scans(data: str | Path, split: str, organs: Iterable[str] = TEST_OR
 
 def synthetic_records(folder: str | Path) -> list[tuple[str, Path]]:
     """``(sample id, CT file)`` of every finished sample of a ``lad sample`` folder, in manifest order."""
-    import json
+    from lad.sampling.writer import finished_samples
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: synthetic sample folder does not exist")
-    manifest = folder / "manifest.jsonl"
-    if not manifest.exists():
-        raise FileNotFoundError(f"{folder}: not a lad sample folder (no manifest.jsonl)")
-    out = []
-    for n, line in enumerate(manifest.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            ct = folder / rec["files"]["ct"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{manifest}: line {n + 1} is not a sample record ({e})") from None
-        if not ct.exists():
-            raise FileNotFoundError(f"{ct}: listed in {manifest} but missing")
-        out.append((str(rec.get("id", f"synthetic_{n:06d}")), ct))
-    if not out:
-        raise ValueError(f"{folder}: the samples folder holds no finished samples")
-    return out
+    return [(str(rec.get("id", f"synthetic_{n:06d}")), files["ct"]) for n, (rec, files) in enumerate(finished_samples(folder))]
 
 
 def iter_synthetic_scans(records: Iterable[tuple[str, Path]]) -> Iterator[Scan]:

@@ -8,7 +8,6 @@ from the sample files (int16 HU, NIfTI or .npy), so neither passes through the [
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -102,24 +101,11 @@ def load_synthetic_samples(folder: str | Path, *, shape: Sequence[int], spacing:
     ``FileNotFoundError`` for a missing folder or manifest, ``ValueError`` for a sample on another grid
     (shape or spacing), mask labels outside {0, 1, 2}, or an empty folder.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: synthetic samples folder does not exist (give a `lad sample` output folder)")
-    manifest = folder / "manifest.jsonl"
-    if not manifest.exists():
-        raise FileNotFoundError(f"{folder}: not a lad sample folder (no manifest.jsonl; run `lad sample` first)")
+    from lad.sampling.writer import finished_samples
+
     out = []
-    for n, line in enumerate(manifest.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            ct, mk = folder / rec["files"]["ct"], folder / rec["files"]["mask"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{manifest}: line {n + 1} is not a sample record ({e})") from None
-        for f in (ct, mk):
-            if not f.exists():
-                raise FileNotFoundError(f"{f}: listed in {manifest} but missing")
+    for rec, files in finished_samples(folder, ("ct", "mask")):
+        ct, mk = files["ct"], files["mask"]
         hu, m, sp = _read_pair(ct, mk)
         if tuple(hu.shape) != tuple(shape) or tuple(m.shape) != tuple(shape):
             raise ValueError(f"{mk}: synthetic volume/mask of shape {tuple(m.shape)} (CT {tuple(hu.shape)}), but the real "
@@ -132,8 +118,6 @@ def load_synthetic_samples(folder: str | Path, *, shape: Sequence[int], spacing:
             raise ValueError(f"{mk}: mask label {top} outside {{0, 1, 2}} (a Lad conditioning mask is expected)")
         out.append(SyntheticSample(id=str(rec.get("id", ct.name)), ct=ct, mask=mk, source_id=rec.get("source_id"),
                                    source_path=rec.get("source_mask")))
-    if not out:
-        raise ValueError(f"{folder}: the samples folder holds no finished samples")
     if any(s.ct.suffix == ".npy" for s in out):
         log.warning("%s: .npy samples carry no geometry; assumed to be on the prepared windows' spacing", folder)
     return out
