@@ -126,3 +126,19 @@ def test_encode_mask_scales_labels_and_freezes_encoder():
         encode_mask(enc, mask[:, 0])
     with pytest.raises(ValueError, match="integer labels"):
         encode_mask(enc, mask.float())
+
+
+def test_spatial_condition_is_occupancy_on_the_latent_grid():
+    from lad.models.condition import spatial_condition
+
+    mask = torch.zeros((1, 1, 4, 8, 8), dtype=torch.uint8)
+    mask[0, 0, :2, :4, :4] = 1  # half of the first 4x4x4 cell's 64 voxels... 32 organ voxels
+    mask[0, 0, 0, 0, :4] = 2  # 4 of them tumour
+    out = spatial_condition(mask, (4, 4, 4))
+    assert out.shape == (1, 2, 1, 2, 2) and out.dtype == torch.float32
+    assert out[0, 0, 0, 0, 0].item() == 32 / 64 and out[0, 1, 0, 0, 0].item() == 4 / 64
+    assert float(out[..., 1:, :].sum() + out[..., 0, 1:].sum()) == 0.0
+    with pytest.raises(ValueError, match="multiple"):
+        spatial_condition(mask, (4, 3, 4))
+    with pytest.raises(ValueError, match="integer"):
+        spatial_condition(mask.float(), (4, 4, 4))

@@ -145,3 +145,21 @@ def test_concat_mode_is_the_release_path():
         d(torch.randn(2, 8, 2, 8, 8), t, c)
         time = d.unet.time_embed.inner(get_timestep_embedding(t, SMALL["channels"][0]))
     torch.testing.assert_close(seen[0], torch.nn.functional.silu(torch.cat([time, c], 1)))
+
+
+def test_spatial_channels_enter_the_input_and_are_checked():
+    d = LatentDenoiser(in_channels=4, out_channels=4, cond_dim=6, spatial_channels=2, **SMALL)
+    _randomise_output_layer(d)
+    z, t, c = torch.randn(2, 4, 2, 8, 8), torch.tensor([3, 3]), torch.randn(2, 6)
+    s = torch.zeros(2, 2, 2, 8, 8)
+    s2 = s.clone()
+    s2[:, 0, :, :4, :4] = 1.0
+    with torch.no_grad():
+        a, b = d(z, t, c, s), d(z, t, c, s2)
+    assert a.shape == (2, 4, 2, 8, 8) and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="spatial condition"):
+        d(z, t, c)
+    with pytest.raises(ValueError, match="spatial condition"):
+        d(z, t, c, torch.zeros(2, 1, 2, 8, 8))
+    with pytest.raises(ValueError, match="no spatial condition"):
+        LatentDenoiser(in_channels=4, out_channels=4, **SMALL)(z, t, None, s)

@@ -183,3 +183,24 @@ def test_diffusion_loss_target_follows_the_prediction_type(prediction):
     a = sched.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
     target = a.sqrt() * noise - (1 - a).sqrt() * z0 if prediction == "v_prediction" else z0
     torch.testing.assert_close(l2, target.square().mean())
+
+
+def test_spatial_condition_is_guided_and_dropped_with_the_vector():
+    """The null half of a guided batch gets a zero map; dropout zeroes the map on exactly the rows whose vector it drops."""
+    seen = {}
+
+    def probe(z, t, c, s):
+        seen["s"] = s.clone()
+        return z * 0 + s.sum(dim=1, keepdim=True)
+
+    z, t = torch.zeros(2, 1, 1, 2, 2), torch.tensor([0, 0])
+    c, null, s = torch.ones(2, 3), torch.zeros(3), torch.rand(2, 2, 1, 2, 2) + 0.1
+    out = guided_epsilon(probe, z, t, c, null, 2.0, spatial=s)
+    assert torch.equal(seen["s"][:2], s) and float(seen["s"][2:].abs().sum()) == 0.0
+    torch.testing.assert_close(out, 3.0 * s.sum(dim=1, keepdim=True))
+    cond = torch.ones(64, 3)
+    dropped, sp = drop_condition(cond, null, 0.5, torch.Generator().manual_seed(0), spatial=torch.ones(64, 2, 1, 2, 2))
+    rows = dropped.sum(dim=1) == 0
+    assert 0 < int(rows.sum()) < 64
+    assert torch.equal(sp.flatten(1).sum(dim=1) == 0, rows)
+    assert torch.equal(drop_condition(cond, null, 0.5, torch.Generator().manual_seed(0)), dropped)

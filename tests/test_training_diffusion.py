@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lad.training.config import resolve_train_config
-from lad.training.diffusion_trainer import train_diffusion
+from lad.training.diffusion_trainer import build_diffusion_models, train_diffusion
 
 
 def _weights(folder):
@@ -233,3 +233,32 @@ def test_concat_conditioning_trains_and_samples(handmade_prepared, handmade_run,
     with torch.no_grad():
         eps = pipe.denoiser(z, torch.tensor([10, 10]), cond)
     assert not torch.equal(cond[0], cond[1]) and not torch.equal(eps[0], eps[1])
+
+
+def test_spatial_condition_trains_caches_and_samples(handmade_prepared, handmade_run, tmp_path):
+    """condition.spatial=true (ours): the cache holds the mask's occupancy on the latent grid, the denoiser takes
+    it as 2 extra input channels, and the pipeline builds the same map from the masks it samples for."""
+    from lad.models.condition import spatial_condition
+    from lad.models.denoiser import LatentDenoiser
+    from lad.sampling.pipeline import LadPipeline
+
+    run = _with_vqgan(handmade_run, tmp_path / "r")
+    cfg = resolve_train_config("tiny", ["diffusion_train.steps=2", "logging.image_every=0", "condition.spatial=true"])
+    train_diffusion(handmade_prepared, run, cfg)
+    den = LatentDenoiser.from_pretrained(run / "denoiser_ema")
+    assert den.config["spatial_channels"] == 2
+    cache = load_file(str(run / "latent_cache" / "latents.safetensors"))
+    assert cache["mask_lr"].shape == (cache["z"].shape[0], 2, *cache["z"].shape[2:])
+    assert float(cache["mask_lr"].min()) >= 0.0 and float(cache["mask_lr"].max()) <= 1.0 and float(cache["mask_lr"].sum()) > 0
+    pipe = LadPipeline.from_run(run, ema=False)
+    mask = torch.zeros((2, 1, *pipe.image_shape), dtype=torch.uint8)
+    mask[1, 0, :4, :8, :8] = 1  # 256 organ voxels
+    spatial = pipe.spatial(mask)
+    factors = tuple(s // l for s, l in zip(pipe.image_shape, pipe.latent_shape[1:]))
+    assert torch.equal(spatial, spatial_condition(mask, factors))
+    assert spatial.shape == (2, 2, *pipe.latent_shape[1:]) and float(spatial[0].sum()) == 0.0
+    assert float(spatial[1, 0].sum()) * factors[0] * factors[1] * factors[2] == 4 * 8 * 8
+    assert pipe(mask, seeds=[0, 0], steps=2).shape == (2, 1, *pipe.image_shape)
+    # V0 has no condition: no spatial map either
+    v0 = build_diffusion_models(resolve_train_config("tiny", ["condition.spatial=true"], variant="V0"), (8, 2, 4, 4), 8)
+    assert v0["denoiser"].spatial_channels == 0

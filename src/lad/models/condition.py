@@ -15,6 +15,12 @@ normalised by ``lad.topology.normalize_betti`` (log1p, float32) and is embedded 
 The condition is the concatenation [content, structure]; either part can be switched off (ablations
 V1 = content only, V2 = structure only, full = both; V0 has no extractor). The learned null
 condition of classifier-free guidance (``null_cond``) lives here too.
+
+Spatial condition (``spatial_condition``; ours, not the paper's, off in the paper presets): the mask's
+organ and tumour occupancy on the latent grid, concatenated to the denoiser's input channels (as
+DiffTumor and ControlNet-style models feed a mask). The paper's condition is a vector: it says what
+the mask is, but the denoiser must learn where from a few hundred numbers; the map says where, voxel by
+voxel. Classifier-free guidance drops it to zeros together with the vector.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from torch import nn
 
 from lad.models.base import PretrainedMixin, register_to_config
 
-__all__ = ["ConditionExtractor", "encode_mask", "BETTI_PER_SLICE", "MASK_MAX_LABEL"]
+__all__ = ["ConditionExtractor", "encode_mask", "spatial_condition", "BETTI_PER_SLICE", "MASK_MAX_LABEL", "SPATIAL_CHANNELS"]
 
 BETTI_PER_SLICE = 6  # [b0, b1] for labels 0, 1, 2 (lad.topology.BETTI_PER_SLICE)
 MASK_MAX_LABEL = 2  # Lad mask labels {0 background, 1 organ, 2 tumour}
+SPATIAL_CHANNELS = 2  # spatial condition: [organ or tumour, tumour] occupancy
 
 
 @torch.no_grad()
@@ -44,6 +51,24 @@ def encode_mask(vqgan: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     if mask.is_floating_point():
         raise ValueError(f"mask must hold integer labels in {{0, 1, 2}}, got dtype {mask.dtype}")
     return vqgan.encode(mask.float() / MASK_MAX_LABEL)
+
+
+def spatial_condition(mask: torch.Tensor, factors: tuple[int, int, int]) -> torch.Tensor:
+    """Occupancy of the Lad mask on the latent grid: (B, 2, D/f0, H/f1, W/f2) float32 in [0, 1].
+
+    ``mask``: (B, 1, D, H, W) integer labels in {0, 1, 2}; ``factors``: the VQ-GAN's down-sampling per axis.
+    Channel 0 is the fraction of each latent cell's voxels inside the organ (tumour included, label >= 1),
+    channel 1 the fraction inside the tumour (label 2): an average pool with kernel = stride = ``factors``.
+    """
+    if mask.ndim != 5 or mask.shape[1] != 1:
+        raise ValueError(f"mask must be (B, 1, D, H, W), got shape {tuple(mask.shape)}")
+    if mask.is_floating_point():
+        raise ValueError(f"mask must hold integer labels in {{0, 1, 2}}, got dtype {mask.dtype}")
+    factors = tuple(int(f) for f in factors)
+    if len(factors) != 3 or any(s % f for s, f in zip(mask.shape[2:], factors)):
+        raise ValueError(f"mask shape {tuple(mask.shape[2:])} is not a multiple of the down-sampling {factors}")
+    onehot = torch.cat([mask >= 1, mask == MASK_MAX_LABEL], dim=1).float()
+    return torch.nn.functional.avg_pool3d(onehot, kernel_size=factors, stride=factors)
 
 
 class ConditionExtractor(PretrainedMixin, nn.Module):

@@ -20,6 +20,10 @@ Conditioning (``cond_dim > 0``):
 
 ``cond_dim = 0`` is the unconditional denoiser (ablation V0).
 
+``spatial_channels > 0`` (ours; ``lad.models.condition.spatial_condition``): a map on the latent grid is
+concatenated to ``z_t`` along the channels, so the U-Net's first convolution takes
+``in_channels + spatial_channels``; the output keeps ``out_channels``.
+
 Small / odd latent sizes: MONAI halves every spatial axis at each level but the last (stride-2 conv,
 then nearest x2 up-sampling), so each axis must be a multiple of ``2 ** (len(channels) - 1)``. The rule
 here: an axis that is not is replicate-padded at its end up to the next multiple, and the output is
@@ -83,27 +87,31 @@ class LatentDenoiser(PretrainedMixin, nn.Module):
         conditioning: "embedding" (an MLP's output added to the time embedding; ours), "concat" (the raw
             vector concatenated to the time embedding; the release's) or "cross_attention".
         num_context_tokens / context_dim: cross-attention tokens made from the condition.
+        spatial_channels: channels of a spatial condition map concatenated to the input (0: none; ours).
     """
 
     @register_to_config
     def __init__(self, *, spatial_dims: int = 3, in_channels: int = 8, out_channels: int = 8,
                  channels: tuple[int, ...] = (32, 64, 128, 256), attention_levels: tuple[bool, ...] = (False, False, True, True),
                  num_res_blocks: int | tuple[int, ...] = 2, num_head_channels: int = 32, norm_num_groups: int = 32,
-                 cond_dim: int = 0, conditioning: str = "embedding", num_context_tokens: int = 8, context_dim: int = 64):
+                 cond_dim: int = 0, conditioning: str = "embedding", num_context_tokens: int = 8, context_dim: int = 64,
+                 spatial_channels: int = 0):
         super().__init__()
         if conditioning not in CONDITIONING_MODES:
             raise ValueError(f"conditioning must be one of {CONDITIONING_MODES}, got {conditioning!r}")
         if len(attention_levels) != len(channels):
             raise ValueError(f"attention_levels needs one flag per level of channels {tuple(channels)}, got {tuple(attention_levels)}")
+        if spatial_channels < 0:
+            raise ValueError(f"spatial_channels must be >= 0, got {spatial_channels}")
         if cond_dim < 0 or num_context_tokens < 1 or context_dim < 1:
             raise ValueError(f"need cond_dim >= 0, num_context_tokens >= 1, context_dim >= 1, got {cond_dim}, "
                              f"{num_context_tokens}, {context_dim}")
         self.spatial_dims, self.in_channels = spatial_dims, in_channels
-        self.cond_dim, self.conditioning = cond_dim, conditioning
+        self.cond_dim, self.conditioning, self.spatial_channels = cond_dim, conditioning, int(spatial_channels)
         embed = cond_dim > 0 and conditioning in ("embedding", "concat")
         cross = cond_dim > 0 and conditioning == "cross_attention"
         self.unet = DiffusionModelUNet(
-            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+            spatial_dims=spatial_dims, in_channels=in_channels + self.spatial_channels, out_channels=out_channels,
             num_res_blocks=num_res_blocks, channels=tuple(channels), attention_levels=tuple(attention_levels),
             norm_num_groups=norm_num_groups, num_head_channels=num_head_channels,
             with_conditioning=cross, cross_attention_dim=context_dim if cross else None,
@@ -127,11 +135,13 @@ class LatentDenoiser(PretrainedMixin, nn.Module):
         """The spatial shape the U-Net really runs on (each axis rounded up to a multiple of 2 ** (levels - 1))."""
         return tuple(-(-s // self.multiple) * self.multiple for s in spatial)
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                spatial: torch.Tensor | None = None) -> torch.Tensor:
         """Noise prediction.
 
         ``z_t``: (B, in_channels, d, h, w) float32 (2D: (B, C, h, w)), the noisy scaled latent;
-        ``t``: (B,) long timesteps in [0, T); ``cond``: (B, cond_dim) float32, or None when cond_dim = 0.
+        ``t``: (B,) long timesteps in [0, T); ``cond``: (B, cond_dim) float32, or None when cond_dim = 0;
+        ``spatial``: (B, spatial_channels, d, h, w) when spatial_channels > 0 (zeros: the null map), else None.
         Returns eps: (B, out_channels, d, h, w) float32, same spatial shape as ``z_t``.
         """
         if z_t.ndim != self.spatial_dims + 2 or z_t.shape[1] != self.in_channels:
@@ -152,11 +162,19 @@ class LatentDenoiser(PretrainedMixin, nn.Module):
                 kwargs["context"] = self.context_proj(cond).view(b, self.num_context_tokens, self.context_dim)
         elif cond is not None:
             raise ValueError("this denoiser is unconditional (cond_dim=0): pass cond=None")
+        x = z_t
+        if self.spatial_channels:
+            if spatial is None or spatial.shape != (b, self.spatial_channels, *z_t.shape[2:]):
+                got = None if spatial is None else tuple(spatial.shape)
+                raise ValueError(f"this denoiser takes a spatial condition of shape (B, {self.spatial_channels}, "
+                                 f"{', '.join(map(str, z_t.shape[2:]))}), got {got}")
+            x = torch.cat([z_t, spatial.to(z_t.dtype)], dim=1)
+        elif spatial is not None:
+            raise ValueError("this denoiser has no spatial condition (spatial_channels=0): pass spatial=None")
         size = tuple(z_t.shape[2:])
         pad = [p - s for p, s in zip(self.padded_shape(size), size)]
-        x = z_t
         if any(pad):
-            x = F.pad(z_t, [q for p in reversed(pad) for q in (0, p)], mode="replicate")
+            x = F.pad(x, [q for p in reversed(pad) for q in (0, p)], mode="replicate")
         out = self.unet(x, timesteps=t, **kwargs)
         if any(pad):
             out = out[(slice(None), slice(None), *(slice(0, s) for s in size))]

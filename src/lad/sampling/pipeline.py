@@ -106,6 +106,15 @@ class LadPipeline:
             betti = torch.as_tensor(normalize_betti(vec), device=self.device)
         return self.condition(mask_latent, betti)
 
+    def spatial(self, masks: torch.Tensor) -> torch.Tensor | None:
+        """The spatial condition map ``(B, 2, d, h, w)`` of a denoiser that takes one (ours), else None."""
+        if not getattr(self.denoiser, "spatial_channels", 0):
+            return None
+        from lad.models.condition import spatial_condition
+
+        factors = tuple(s // l for s, l in zip(self.image_shape, self.latent_shape[1:]))
+        return spatial_condition(masks.to(self.device), factors)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -133,12 +142,12 @@ class LadPipeline:
         scheduler = self._make_scheduler(sampler)
         scheduler.set_timesteps(steps)
         gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        cond = self.conditions(masks)
+        cond, spatial = self.conditions(masks), self.spatial(masks)
         null = self.condition.null_cond if self.condition is not None else None
         z = torch.stack([torch.randn(self.latent_shape, generator=g, device=self.device) for g in gens])
         for t in progress(scheduler.timesteps, desc="denoising", leave=False, disable=not show_progress):
             tt = torch.full((z.shape[0],), int(t), device=self.device, dtype=torch.long)
-            eps = guided_epsilon(self.denoiser, z, tt, cond, null, guidance_scale=guidance)
+            eps = guided_epsilon(self.denoiser, z, tt, cond, null, guidance_scale=guidance, spatial=spatial)
             z = scheduler.step(eps, t, z, generator=gens)
         recon = self.vqgan.decode_latent(self._unscale(z))
         return recon.clamp(0.0, 1.0)

@@ -123,6 +123,10 @@ class ConditionConfig:
     use_content: bool = True
     use_structure: bool = True
     structure_dim: int = 192
+    spatial: bool = False
+    """Also feed the mask's organ/tumour occupancy on the latent grid as input channels of the denoiser
+    (``lad.models.condition.spatial_condition``). Ours, not the paper's (whose condition is a vector only):
+    off in the paper presets; conditional variants only (V0 has no condition)."""
 
 
 @dataclasses.dataclass

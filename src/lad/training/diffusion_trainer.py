@@ -42,7 +42,7 @@ log = get_logger(__name__)
 
 def build_diffusion_models(cfg: TrainConfig, latent_shape: tuple[int, ...], num_slices: int) -> nn.ModuleDict:
     """``{"denoiser": LatentDenoiser, "condition": ConditionExtractor (conditional variants only)}``."""
-    from lad.models.condition import ConditionExtractor
+    from lad.models.condition import SPATIAL_CHANNELS, ConditionExtractor
     from lad.models.denoiser import LatentDenoiser
 
     parts = nn.ModuleDict()
@@ -57,7 +57,8 @@ def build_diffusion_models(cfg: TrainConfig, latent_shape: tuple[int, ...], num_
     parts["denoiser"] = LatentDenoiser(spatial_dims=3, in_channels=latent_shape[0], out_channels=latent_shape[0],
                                        channels=tuple(d.channels), attention_levels=tuple(d.attention_levels),
                                        num_res_blocks=d.num_res_blocks, num_head_channels=d.num_head_channels,
-                                       norm_num_groups=d.norm_num_groups, cond_dim=cond_dim, conditioning=d.conditioning)
+                                       norm_num_groups=d.norm_num_groups, cond_dim=cond_dim, conditioning=d.conditioning,
+                                       spatial_channels=SPATIAL_CHANNELS if cfg.conditional and cfg.condition.spatial else 0)
     return parts
 
 
@@ -68,6 +69,11 @@ def _conditions(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor 
     betti = batch.get("betti")
     betti = torch.log1p(betti.float()) if betti is not None else None
     return net["condition"](batch.get("mask_z"), betti)
+
+
+def _spatial(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The cached spatial condition (``mask_lr``) of a denoiser that takes one, else None."""
+    return batch["mask_lr"] if net["denoiser"].spatial_channels else None
 
 
 class _DiffusionStep(nn.Module):
@@ -81,8 +87,11 @@ class _DiffusionStep(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], z0: torch.Tensor, generator: torch.Generator):
         kw = {"shard": self.shard} if self.shard[1] > 1 else {}
-        cond = _conditions(self.net, batch)
-        if cond is not None:
+        cond, spatial = _conditions(self.net, batch), _spatial(self.net, batch)
+        if spatial is not None:
+            cond, spatial = self.drop_fn(cond, self.net["condition"].null_cond, self.p_uncond, generator, spatial=spatial, **kw)
+            kw["spatial"] = spatial
+        elif cond is not None:
             cond = self.drop_fn(cond, self.net["condition"].null_cond, self.p_uncond, generator, **kw)
         return self.loss_fn(self.net["denoiser"], self.scheduler, z0, cond, generator=generator, loss=self.loss, **kw)
 
@@ -134,7 +143,8 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
         save_config(cfg, run / "config.yaml")
     c = cfg.condition
     cache = build_latent_cache(run, ds, vqgan, content=cfg.conditional and c.use_content,
-                               structure=cfg.conditional and c.use_structure, device=dev)
+                               structure=cfg.conditional and c.use_structure, device=dev,
+                               spatial=tuple(cfg.vqgan.downsample) if net["denoiser"].spatial_channels else None)
     stats = latent_stats(cache["z"])
     stats.update(latent_shape=list(latent_shape), image_shape=list(ds.shape), spacing=list(ds.config["spacing"]),
                  organ=ds.config.get("organ", "pancreas"), fingerprint=ds.fingerprint,
@@ -229,13 +239,14 @@ def _preview(net, vqgan, batch, masks, shift, scale, scheduler, gen, dev, steps:
 
     n = min(2, batch["z"].shape[0])
     sub = {k: v[:n] for k, v in batch.items()}
-    cond = _conditions(net, sub)
+    cond, spatial = _conditions(net, sub), _spatial(net, sub)
     null = net["condition"].null_cond if "condition" in net else None
     ddim = DDIMScheduler(**scheduler.config)
     ddim.set_timesteps(steps)
     z = torch.randn(sub["z"].shape, generator=gen).to(dev)
     for tt in ddim.timesteps:
-        eps = guided_epsilon(net["denoiser"], z, torch.full((n,), int(tt), device=dev, dtype=torch.long), cond, null, 1.0)
+        eps = guided_epsilon(net["denoiser"], z, torch.full((n,), int(tt), device=dev, dtype=torch.long), cond, null, 1.0,
+                             spatial=spatial)
         z = ddim.step(eps, tt, z)
     x = vqgan.decode_latent(z * scale + shift)
     rows = []

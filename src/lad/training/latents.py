@@ -2,7 +2,7 @@
 
 ``RUN/latent_cache/`` holds ``latents.safetensors`` (``z`` pre-quantisation image latents, ``mask_z``
 encoded masks when the content condition is on, ``betti`` Betti vectors when the structure
-condition is on) and ``meta.json`` with the hash of ``RUN/vqgan/model.safetensors`` and of the
+condition is on, ``mask_lr`` the spatial condition map when the denoiser takes one) and ``meta.json`` with the hash of ``RUN/vqgan/model.safetensors`` and of the
 dataset manifest: a changed VQ-GAN or dataset invalidates the cache.
 
 Latent scaling (``RUN/latent_stats.json``): per-channel mean and standard deviation of the training
@@ -44,14 +44,17 @@ def file_hash(path: Path) -> str:
 
 @torch.no_grad()
 def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: bool, device: torch.device,
-                       batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """Latents of every training window (computed once; reused while the VQ-GAN and data are unchanged)."""
-    from lad.models.condition import encode_mask
+                       batch_size: int = 4, spatial: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Latents of every training window (computed once; reused while the VQ-GAN and data are unchanged).
+    ``spatial``: the VQ-GAN's down-sampling factors when the spatial condition map is needed, else None."""
+    from lad.models.condition import encode_mask, spatial_condition
     from lad.topology import betti_vectors
 
     cache = run / "latent_cache"
     key = {"vqgan": file_hash(run / "vqgan" / "model.safetensors"), "manifest": file_hash(dataset.path / "manifest.json"),
            "split": dataset.split, "content": content, "structure": structure, "n": len(dataset)}
+    if spatial is not None:  # (only then: the caches of runs without it stay valid)
+        key["spatial"] = list(spatial)
     valid = (cache / "meta.json").exists() and json.loads((cache / "meta.json").read_text()) == key
     if broadcast_object(valid):  # rank 0 decides for everyone
         log.info("reusing latent cache %s", cache)
@@ -60,7 +63,7 @@ def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: b
         log.info("latent cache %s is stale (VQ-GAN or data changed): recomputing", cache)
     rank, world = get_rank(), get_world_size()
     mine = list(range(rank, len(dataset), world))
-    zs, mzs, bettis = [], [], []
+    zs, mzs, bettis, lrs = [], [], [], []
     vqgan = vqgan.to(device).eval()
     for s in progress(range(0, len(mine), batch_size), desc="encode latents", unit="batch"):
         items = [dataset[i] for i in mine[s : s + batch_size]]
@@ -71,6 +74,8 @@ def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: b
             mzs.append(encode_mask(vqgan, torch.from_numpy(m).to(device)).cpu())
         if structure:
             bettis.append(torch.from_numpy(betti_vectors(m[:, 0])))
+        if spatial is not None:
+            lrs.append(spatial_condition(torch.from_numpy(m), spatial))
     tensors = {}
     if mine:  # (a rank gets no window when there are fewer windows than processes)
         tensors["z"] = torch.cat(zs)
@@ -78,6 +83,8 @@ def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: b
             tensors["mask_z"] = torch.cat(mzs)
         if structure:
             tensors["betti"] = torch.cat(bettis)
+        if spatial is not None:
+            tensors["mask_lr"] = torch.cat(lrs)
     if world > 1:
         tensors = _merge_parts(run, tensors, rank, world, len(dataset))
     if is_main_process():
