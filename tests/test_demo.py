@@ -30,7 +30,7 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     with Image.open(out / "figures" / "overview.png") as img:
         assert img.format == "PNG" and img.size == (round(1.9 * cols * 80), round(2.0 * 3 * 80))
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
-    assert set(metrics["sets"]) == {"Lad", "V0 (Medical Diffusion)"}
+    assert set(metrics["sets"]) == {"Lad", "V0 (Medical Diffusion)", "Lad, original masks", "V0, original masks"}
     # both models are sampled alike and without the median-HU redraws (a selection the paper does not make)
     assert all(e["selection"]["quality_check"] is False and e["selection"]["rejected"] == 0 for e in metrics["sets"].values())
     assert metrics["settings"]["selection_identical"] and "<td>none</td>" in html
@@ -60,6 +60,11 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     assert summary["lad_fidelity_dice"] == lad["fidelity_dice"]["organ"] and summary["real_fidelity_dice"] == real["fidelity_dice"]["organ"]
     assert summary["lad_organ_hu_w1"] == lad["hu_w1"]["organ"] > 0
     assert summary["real_body_ok_fraction"] == 1.0  # the real windows lie within their own minimum-maximum body fraction
+    # Table 2's other column: both models also sampled from the original training masks, unaugmented
+    orig = metrics["sets"]["Lad, original masks"]
+    assert summary["lad_original_fidelity_dice"] == orig["fidelity_dice"]["organ"] and "v0_original_fidelity_dice" in summary
+    rows = [json.loads(line) for line in (out / "samples-lad-original" / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    assert rows and all(r["augmentation"]["kind"] == "none" for r in rows)
     assert "Anatomy and realism checks" in html and "VQ-GAN reconstruction (held-out windows)" in html
     # V0 has no condition extractor and no locality term; Lad has both; both got the same budget
     assert not (out / "run-v0" / "condition").exists() and (out / "run-lad" / "condition").exists()

@@ -5,8 +5,11 @@ Stages (each resumable; ``--from STAGE`` re-runs that stage and everything after
 1. ``phantom``   procedural abdominal CT (no download)
 2. ``prepare``   the paper's preprocessing with the demo preset (64 x 64 x 16 windows at 6 x 6 x 5 mm)
 3. ``train``     Lad (variant full: Locality Loss + content + structure conditions): VQ-GAN, then diffusion
-4. ``sample``    synthetic volumes from augmented masks, DDIM, guidance w = 1
-5. ``baseline``  V0 (Medical Diffusion: no Locality Loss, no condition) on the same budget, and its samples
+4. ``sample``    synthetic volumes from augmented masks (the paper's sampling) and from the original training
+   masks (Table 2's other column), DDIM, guidance w = 1
+5. ``baseline``  V0 (Medical Diffusion: no Locality Loss, no condition) on the same budget, and its samples (V0
+   ignores the mask: its Dice against the masks is what a generator that draws the organ where it usually lies
+   scores, the floor of the conditioning-fidelity Dice)
 6. ``segmenter`` an organ segmenter (liver, kidney, spleen, pancreas, tumour) on the real training windows, for the
    conditioning-fidelity Dice and the anatomy-present check
 7. ``features``  the in-domain feature network (``lad features train``) on the real training windows
@@ -20,6 +23,7 @@ are the real thing.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
@@ -113,13 +117,18 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
         train_diffusion(out / "prepared", out / run, cfg, device=device)
 
     stage("train", lambda: train("run-lad", cfg_full))
-    stage("sample", lambda: (clean("samples-lad"), generate_samples(out / "run-lad", out / "prepared", out / "samples-lad", sample,
-                                                                    device=device, batch_size=4)))
+    original = dataclasses.replace(sample, augment="none")
+
+    def sample_both(run: str, name: str):
+        for folder, settings in ((f"samples-{name}", sample), (f"samples-{name}-original", original)):
+            clean(folder)
+            generate_samples(out / run, out / "prepared", out / folder, settings, device=device, batch_size=4)
+
+    stage("sample", lambda: sample_both("run-lad", "lad"))
 
     def baseline():
         train("run-v0", cfg_v0)
-        clean("samples-v0")
-        generate_samples(out / "run-v0", out / "prepared", out / "samples-v0", sample, device=device, batch_size=4)
+        sample_both("run-v0", "v0")
 
     stage("baseline", baseline)
 
@@ -142,7 +151,7 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
 
     def evaluation():
         clean("evaluation")
-        evaluate(out / "prepared", {"V0 (Medical Diffusion)": out / "samples-v0", "Lad": out / "samples-lad"},
+        evaluate(out / "prepared", {name: out / folder for name, folder in _SETS.values()},
                  out / "evaluation", n_pairs=p["pairs"], seed=seed, device=device, segmenter=out / "segmenter",
                  features=str(out / "features"))
         _write_demo_report(out, preset, cfg_full, sample, timings)
@@ -159,7 +168,10 @@ SUMMARY_KEYS = ("vqgan_heldout_mae_hu", "vqgan_codes_used", "lad_anatomy_present
                 "lad_fidelity_dice", "real_fidelity_dice", "wall_s", "cpu_s")
 """The keys ``OUT/summary.json`` always holds (numbers); it holds V0 counterparts and a few more besides."""
 
-_SETS = {"lad": "Lad", "v0": "V0 (Medical Diffusion)"}
+# summary key prefix -> (set name in metrics.json, sample folder); "_original": sampled from the training masks
+_SETS = {"v0": ("V0 (Medical Diffusion)", "samples-v0"), "lad": ("Lad", "samples-lad"),
+         "v0_original": ("V0, original masks", "samples-v0-original"),
+         "lad_original": ("Lad, original masks", "samples-lad-original")}
 
 
 def write_summary(out: str | Path) -> dict[str, float]:
@@ -168,7 +180,8 @@ def write_summary(out: str | Path) -> dict[str, float]:
 
     ``vqgan_*`` is Lad's VQ-GAN on the held-out windows (``v0_vqgan_*`` V0's); ``*_anatomy_present_fraction``
     the mean over liver, kidney and spleen; ``*_organ_hu_w1`` / ``*_body_hu_w1`` in HU; ``*_fidelity_dice`` the
-    organ Dice. A number that could not be measured (e.g. no body in any sample) is left out.
+    organ Dice. ``lad_*`` / ``v0_*``: samples from augmented masks (the paper's sampling); ``lad_original_*`` /
+    ``v0_original_*``: from the original training masks (Table 2's other column). A number that could not be measured (e.g. no body in any sample) is left out.
     """
     out = Path(out)
     m = json.loads((out / "evaluation" / "metrics.json").read_text())
@@ -179,14 +192,15 @@ def write_summary(out: str | Path) -> dict[str, float]:
         a = e.get("anatomy")
         return a.get("mean_liver_kidney_spleen") if a else None
 
-    for key, name in _SETS.items():
+    for key, (name, _) in _SETS.items():
         e = m["sets"].get(name)
         if e is None:
             continue
         rec = e.get("vqgan_reconstruction") or {}
-        pre = "" if key == "lad" else "v0_"
-        summary.update({f"{pre}vqgan_heldout_mae_hu": rec.get("mae_body_hu"), f"{pre}vqgan_heldout_bias_hu": rec.get("bias_body_hu"),
-                        f"{pre}vqgan_codes_used": rec.get("codes_used"), f"{pre}vqgan_perplexity": rec.get("perplexity")})
+        if key in ("lad", "v0"):  # (the "_original" sets share their model's VQ-GAN)
+            pre = "" if key == "lad" else "v0_"
+            summary.update({f"{pre}vqgan_heldout_mae_hu": rec.get("mae_body_hu"), f"{pre}vqgan_heldout_bias_hu": rec.get("bias_body_hu"),
+                            f"{pre}vqgan_codes_used": rec.get("codes_used"), f"{pre}vqgan_perplexity": rec.get("perplexity")})
         summary.update({f"{key}_anatomy_present_fraction": anatomy_mean(e), f"{key}_body_ok_fraction": e.get("body_ok_fraction"),
                         f"{key}_bone_ok_fraction": e.get("bone_ok_fraction"), f"{key}_organ_hu_w1": e["hu_w1"]["organ"],
                         f"{key}_body_hu_w1": e["hu_w1"]["body"], f"{key}_fidelity_dice": (e.get("fidelity_dice") or {}).get("organ"),
@@ -195,7 +209,7 @@ def write_summary(out: str | Path) -> dict[str, float]:
     floor = real.get("floor") or {}
     summary.update({"real_floor_fid": floor.get("fid"), "real_floor_fid_localized": floor.get("fid_localized"),
                     "real_floor_mmd": floor.get("mmd"), "real_floor_n": floor.get("n_a")})
-    for key, name in _SETS.items():
+    for key, (name, _) in _SETS.items():
         half = (m["sets"].get(name) or {}).get("vs_half") or {}
         summary.update({f"{key}_fid_vs_half": half.get("fid"), f"{key}_fid_localized_vs_half": half.get("fid_localized"),
                         f"{key}_mmd_vs_half": half.get("mmd")})
@@ -322,7 +336,8 @@ def _write_demo_report(out: Path, preset: str, cfg, sample, timings: dict) -> No
     extra = {"Memorisation: closest synthetic-training pairs": closest_pairs_figure(pairs)} if pairs else {}
     write_report(out, results, embeds, sets, real, box, title="lad demo: Lad vs Medical Diffusion (V0) on phantom CT",
                  preface=preface, extra_figures=extra)
-    _write_overview_png(out / "figures" / "overview.png", sets, real, real_label=real_label)
+    paper_sets = {name: v for name, v in sets.items() if not name.endswith("original masks")}  # the paper's sampling
+    _write_overview_png(out / "figures" / "overview.png", paper_sets, real, real_label=real_label)
 
 
 def _write_overview_png(path: Path, sets: dict, real: tuple, *, real_label: str = "real (held-out)", n: int = 6) -> None:
