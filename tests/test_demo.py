@@ -60,6 +60,9 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     assert summary["lad_fidelity_dice"] == lad["fidelity_dice"]["organ"] and summary["real_fidelity_dice"] == real["fidelity_dice"]["organ"]
     assert summary["lad_organ_hu_w1"] == lad["hu_w1"]["organ"] > 0
     assert summary["real_body_ok_fraction"] == 1.0  # the real windows lie within their own minimum-maximum body fraction
+    ceiling = lad["decoder_ceiling"]
+    assert summary["lad_decoder_ceiling_fidelity_dice"] == ceiling["fidelity_dice"]["organ"]
+    assert summary["lad_decoder_ceiling_organ_hu_w1"] == ceiling["hu_w1"]["organ"] and "v0_decoder_ceiling_fidelity_dice" in summary
     # Table 2's other column: both models also sampled from the original training masks, unaugmented
     orig = metrics["sets"]["Lad, original masks"]
     assert summary["lad_original_fidelity_dice"] == orig["fidelity_dice"]["organ"] and "v0_original_fidelity_dice" in summary

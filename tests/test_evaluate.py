@@ -130,3 +130,37 @@ def test_evaluate_reports_the_floor_beside_each_set(tiny_run, tiny_prepared, tmp
     assert floor["n_a"] + floor["n_b"] == n_real and floor["fid"] >= 0
     assert e["vs_half"]["n"] == min(floor["n_a"], 3) and e["vs_half"]["n_real"] == floor["n_b"]
     assert "Real-vs-real floor" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+
+
+def test_decoder_ceiling_of_an_identity_autoencoder_is_the_real_row(tiny_run, tiny_prepared, tmp_path, monkeypatch):
+    """Each set's run VQ-GAN reconstructs the real windows and they are scored like the samples: with an autoencoder
+    that returns its input, the ceiling must equal the real row exactly (same Dice, same checks, W1 = 0)."""
+    import types
+
+    import torch
+
+    from lad.evaluation import fidelity
+    from lad.evaluation.anatomy import ORGAN_LABELS
+    from lad.models.vqgan import VQGAN
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return types.SimpleNamespace(recon=x)
+
+    class BrightIsPancreas:  # a stand-in segmenter: pancreas wherever the window is brighter than 0.55
+        def predict(self, x):
+            return (x[:, 0] > 0.55).long() * ORGAN_LABELS["pancreas"]
+
+    generate_samples(tiny_run, tiny_prepared, tmp_path / "a", SampleSettings(n=2, steps=2))
+    generate_samples(tiny_run, tiny_prepared, tmp_path / "b", SampleSettings(n=2, steps=2, augment="none"))
+    monkeypatch.setattr(fidelity, "load_segmenter", lambda *a, **k: BrightIsPancreas())
+    monkeypatch.setattr(VQGAN, "from_pretrained", classmethod(lambda cls, *a, **k: Identity()))
+    m = evaluate(tiny_prepared, {"Lad": tmp_path / "a", "Lad, original": tmp_path / "b"}, tmp_path / "rep", n_pairs=2,
+                 segmenter=tmp_path / "unused", n_boot=0)
+    c, real = m["sets"]["Lad"]["decoder_ceiling"], m["real"]
+    assert c == m["sets"]["Lad, original"]["decoder_ceiling"] and c["run"] == str(tiny_run) and c["n"] == real["n"]
+    assert c["fidelity_dice"] == real["fidelity_dice"] and c["fidelity_dice"]["organ"] > 0
+    assert c["anatomy"] == real["anatomy"] and c["body_ok_fraction"] == real["body_ok_fraction"]
+    assert c["bone_ok_fraction"] == real["bone_ok_fraction"] and c["hu_w1"] == {"organ": 0.0, "body": 0.0}
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert html.count("(decoder ceiling)") == 1  # one row per run

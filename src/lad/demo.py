@@ -181,7 +181,8 @@ def write_summary(out: str | Path) -> dict[str, float]:
     ``vqgan_*`` is Lad's VQ-GAN on the held-out windows (``v0_vqgan_*`` V0's); ``*_anatomy_present_fraction``
     the mean over liver, kidney and spleen; ``*_organ_hu_w1`` / ``*_body_hu_w1`` in HU; ``*_fidelity_dice`` the
     organ Dice. ``lad_*`` / ``v0_*``: samples from augmented masks (the paper's sampling); ``lad_original_*`` /
-    ``v0_original_*``: from the original training masks (Table 2's other column). A number that could not be measured (e.g. no body in any sample) is left out.
+    ``v0_original_*``: from the original training masks (Table 2's other column). ``*_decoder_ceiling_*``: the
+    model's VQ-GAN reconstructions of the held-out windows, scored like the samples (the most its samples can score). A number that could not be measured (e.g. no body in any sample) is left out.
     """
     out = Path(out)
     m = json.loads((out / "evaluation" / "metrics.json").read_text())
@@ -201,6 +202,12 @@ def write_summary(out: str | Path) -> dict[str, float]:
             pre = "" if key == "lad" else "v0_"
             summary.update({f"{pre}vqgan_heldout_mae_hu": rec.get("mae_body_hu"), f"{pre}vqgan_heldout_bias_hu": rec.get("bias_body_hu"),
                             f"{pre}vqgan_codes_used": rec.get("codes_used"), f"{pre}vqgan_perplexity": rec.get("perplexity")})
+        ceiling = e.get("decoder_ceiling") or {}
+        if key in ("lad", "v0") and ceiling:  # its VQ-GAN's reconstructions of the held-out windows, scored alike
+            summary.update({f"{key}_decoder_ceiling_anatomy_present_fraction": anatomy_mean(ceiling),
+                            f"{key}_decoder_ceiling_fidelity_dice": (ceiling.get("fidelity_dice") or {}).get("organ"),
+                            f"{key}_decoder_ceiling_bone_ok_fraction": ceiling.get("bone_ok_fraction"),
+                            f"{key}_decoder_ceiling_organ_hu_w1": ceiling["hu_w1"]["organ"]})
         summary.update({f"{key}_anatomy_present_fraction": anatomy_mean(e), f"{key}_body_ok_fraction": e.get("body_ok_fraction"),
                         f"{key}_bone_ok_fraction": e.get("bone_ok_fraction"), f"{key}_organ_hu_w1": e["hu_w1"]["organ"],
                         f"{key}_body_hu_w1": e["hu_w1"]["body"], f"{key}_fidelity_dice": (e.get("fidelity_dice") or {}).get("organ"),

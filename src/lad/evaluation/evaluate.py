@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lad.data.labels import hu_to_unit
 from lad.evaluation.anatomy import AnatomyReference, hu_w1
@@ -191,6 +192,7 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
                                     "n_a": len(a), "n_b": len(b)}
     embeds = {"real": f_real}
     figures_data = {}
+    decoded: dict[Path, dict[str, Any]] = {}  # decoder ceiling per run (sets drawn from one run share it)
     for name, folder in synthetic.items():
         vols, masks = load_synthetic(Path(folder))
         f_syn = fx.extract(vols, n=len(vols), cache_dir=cache)
@@ -223,6 +225,11 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
         recon = _vqgan_reconstruction(Path(folder))
         if recon is not None:
             entry["vqgan_reconstruction"] = recon
+        run = _sample_run(Path(folder))
+        if seg is not None and run is not None and (run / "vqgan" / "model.safetensors").exists():
+            if run not in decoded:
+                decoded[run] = _decoder_ceiling(run, ref, real_vols, real_masks, real_checks, seg, device)
+            entry["decoder_ceiling"] = decoded[run]
         results["sets"][name] = entry
         embeds[name] = f_syn
         figures_data[name] = (vols, masks)
@@ -285,16 +292,40 @@ def _anatomy_reference(real_vols: list[np.ndarray], real_masks: list[np.ndarray]
     return ref, scored
 
 
-def _vqgan_reconstruction(folder: Path) -> dict[str, Any] | None:
-    """``RUN/vqgan_reconstruction.json`` of the run a sample folder was drawn from (``sampling.json``), if any."""
+def _sample_run(folder: Path) -> Path | None:
+    """The run folder a sample folder was drawn from (``sampling.json``), if recorded."""
     settings = folder / "sampling.json"
     if not settings.exists():
         return None
-    run = json.loads(settings.read_text()).get("run")
-    path = Path(run) / "vqgan_reconstruction.json" if run else None
+    run = json.loads(settings.read_text(encoding="utf-8")).get("run")
+    return Path(run) if run else None
+
+
+def _vqgan_reconstruction(folder: Path) -> dict[str, Any] | None:
+    """``RUN/vqgan_reconstruction.json`` of the run a sample folder was drawn from (``sampling.json``), if any."""
+    run = _sample_run(folder)
+    path = run / "vqgan_reconstruction.json" if run else None
     if path is None or not path.exists():
         return None
-    return {**json.loads(path.read_text()), "path": str(path)}
+    return {**json.loads(path.read_text(encoding="utf-8")), "path": str(path)}
+
+
+@torch.no_grad()
+def _decoder_ceiling(run: Path, ref: AnatomyReference, real_vols: list[np.ndarray], real_masks: list[np.ndarray],
+                     real_checks: dict[str, Any], seg, device) -> dict[str, Any]:
+    """The anatomy checks and the fidelity Dice of the run's VQ-GAN reconstructions of the real windows.
+
+    A sample is decoded by that VQ-GAN, so what its reconstructions of real windows score is the most the
+    samples can score through it: the gap between this ceiling and the samples is the diffusion model's,
+    the gap between the real windows and this ceiling the autoencoder's."""
+    from lad.models.vqgan import VQGAN
+
+    vqgan = VQGAN.from_pretrained(run / "vqgan", map_location=device).to(device).eval()
+    recons = [vqgan(torch.from_numpy(np.asarray(v, np.float32))[None].to(device)).recon[0].clamp(0, 1).cpu().numpy()
+              for v in real_vols]
+    scored = _score_set(ref, recons, real_masks, seg, device)
+    return {"run": str(run), "n": len(recons), **ref.summarize(scored["checks"]), "fidelity_dice": scored["fidelity"],
+            "hu_w1": {k: _w1(scored["hu"][k], real_checks["hu"][k]) for k in ("organ", "body")}}
 
 
 def _check_feature_split(fx: FeatureExtractor, real: Path) -> None:
