@@ -60,6 +60,9 @@ def test_tiny_demo_end_to_end_and_resume(tmp_path):
     assert summary["lad_fidelity_dice"] == lad["fidelity_dice"]["organ"] and summary["real_fidelity_dice"] == real["fidelity_dice"]["organ"]
     assert summary["lad_organ_hu_w1"] == lad["hu_w1"]["organ"] > 0
     assert summary["real_body_ok_fraction"] == 1.0  # the real windows lie within their own minimum-maximum body fraction
+    assert summary["lad_fidelity_dice_low"] <= summary["lad_fidelity_dice"] <= summary["lad_fidelity_dice_high"]
+    assert summary["lad_anatomy_present_fraction_low"] <= summary["lad_anatomy_present_fraction"] <= summary[
+        "lad_anatomy_present_fraction_high"]
     ceiling = lad["decoder_ceiling"]
     assert summary["lad_decoder_ceiling_fidelity_dice"] == ceiling["fidelity_dice"]["organ"]
     assert summary["lad_decoder_ceiling_organ_hu_w1"] == ceiling["hu_w1"]["organ"] and "v0_decoder_ceiling_fidelity_dice" in summary

@@ -157,3 +157,32 @@ def test_reconstruction_report_known_answers():
     assert r["organ_mean_hu_error"]["liver"] == pytest.approx(50.0, abs=1e-3) and r["organ_mean_hu_error"]["spleen"] is None
     assert r["codes_used"] == 2 and r["perplexity"] == pytest.approx(2.0) and r["num_embeddings"] == 16 and r["n_windows"] == 3
     assert model.training  # left in the mode it came in
+
+
+def test_intervals_of_the_anatomy_fractions():
+    """Wilson intervals of the proportions (hand values: 16 of 16 -> [0.806, 1]; 8 of 16 -> [0.280, 0.720]) and a
+    bootstrap interval of the three-structure mean that contains it and shrinks with N."""
+    from lad.evaluation.anatomy import wilson_interval
+
+    lo, hi = wilson_interval(16, 16)
+    assert lo == pytest.approx(0.8063, abs=1e-3) and hi == 1.0
+    assert wilson_interval(8, 16) == pytest.approx([0.2800, 0.7200], abs=1e-3)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(5, 4)
+
+    def checks(n):
+        rng = np.random.default_rng(0)
+        return [{"body_ok": True, "bone_ok": bool(i % 2), "present": {s: bool(rng.random() < 0.7) for s in
+                 ("liver", "kidney", "spleen", "pancreas", "tumor")}} for i in range(n)]
+
+    small, big = AnatomyReference.summarize(checks(16), n_boot=300), AnatomyReference.summarize(checks(256), n_boot=300)
+    assert small["body_ok_fraction_ci95"] == pytest.approx(wilson_interval(16, 16))
+    assert small["bone_ok_fraction_ci95"] == pytest.approx(wilson_interval(8, 16))
+    for s in (small, big):
+        a = s["anatomy"]
+        lo, hi = a["mean_liver_kidney_spleen_ci95"]
+        assert lo <= a["mean_liver_kidney_spleen"] <= hi
+        assert set(a["present_fraction_ci95"]) == set(a["present_fraction"])
+    width = lambda s: np.diff(s["anatomy"]["mean_liver_kidney_spleen_ci95"])[0]
+    assert width(big) < 0.5 * width(small)
+    assert "anatomy" in AnatomyReference.summarize(checks(4)) and "body_ok_fraction_ci95" not in AnatomyReference.summarize(checks(4))

@@ -182,7 +182,8 @@ def write_summary(out: str | Path) -> dict[str, float]:
     the mean over liver, kidney and spleen; ``*_organ_hu_w1`` / ``*_body_hu_w1`` in HU; ``*_fidelity_dice`` the
     organ Dice. ``lad_*`` / ``v0_*``: samples from augmented masks (the paper's sampling); ``lad_original_*`` /
     ``v0_original_*``: from the original training masks (Table 2's other column). ``*_decoder_ceiling_*``: the
-    model's VQ-GAN reconstructions of the held-out windows, scored like the samples (the most its samples can score). A number that could not be measured (e.g. no body in any sample) is left out.
+    model's VQ-GAN reconstructions of the held-out windows, scored like the samples (the most its samples can score). ``*_low`` / ``*_high``: the
+    95 % interval of the number they suffix. A number that could not be measured (e.g. no body in any sample) is left out.
     """
     out = Path(out)
     m = json.loads((out / "evaluation" / "metrics.json").read_text())
@@ -208,6 +209,10 @@ def write_summary(out: str | Path) -> dict[str, float]:
                             f"{key}_decoder_ceiling_fidelity_dice": (ceiling.get("fidelity_dice") or {}).get("organ"),
                             f"{key}_decoder_ceiling_bone_ok_fraction": ceiling.get("bone_ok_fraction"),
                             f"{key}_decoder_ceiling_organ_hu_w1": ceiling["hu_w1"]["organ"]})
+        anat_ci = (e.get("anatomy") or {}).get("mean_liver_kidney_spleen_ci95") or [None, None]
+        dice_ci = (e.get("fidelity_dice_ci95") or {}).get("organ") or [None, None]
+        summary.update({f"{key}_anatomy_present_fraction_low": anat_ci[0], f"{key}_anatomy_present_fraction_high": anat_ci[1],
+                        f"{key}_fidelity_dice_low": dice_ci[0], f"{key}_fidelity_dice_high": dice_ci[1]})
         summary.update({f"{key}_anatomy_present_fraction": anatomy_mean(e), f"{key}_body_ok_fraction": e.get("body_ok_fraction"),
                         f"{key}_bone_ok_fraction": e.get("bone_ok_fraction"), f"{key}_organ_hu_w1": e["hu_w1"]["organ"],
                         f"{key}_body_hu_w1": e["hu_w1"]["body"], f"{key}_fidelity_dice": (e.get("fidelity_dice") or {}).get("organ"),

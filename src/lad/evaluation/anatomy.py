@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from lad.data.labels import ORGAN_LABELS
 
-__all__ = ["BODY_HU", "BONE_HU", "STRUCTURES", "CORE_STRUCTURES", "structure_voxels", "presence_ranges", "present",
+__all__ = ["BODY_HU", "BONE_HU", "STRUCTURES", "CORE_STRUCTURES", "structure_voxels", "presence_ranges", "present", "wilson_interval",
            "body_component", "body_fraction", "spine_region", "has_spine_bone", "hu_w1", "HUSampler", "AnatomyReference"]
 
 BODY_HU = -500.0
@@ -156,6 +156,16 @@ class HUSampler:
         return np.concatenate(self.parts) if self.parts else np.zeros(0, np.float32)
 
 
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float]:
+    """Wilson score interval ``[low, high]`` of a proportion ``successes / n`` (SciPy's ``binomtest``)."""
+    from scipy.stats import binomtest
+
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
 @dataclasses.dataclass
 class AnatomyReference:
     """What the real windows allow: presence ranges, the body-fraction range and the spine region.
@@ -198,17 +208,33 @@ class AnatomyReference:
         return out
 
     @staticmethod
-    def summarize(checks: list[dict[str, Any]]) -> dict[str, Any]:
+    def summarize(checks: list[dict[str, Any]], *, n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
         """Fractions over a set: ``body_ok_fraction``, ``bone_ok_fraction`` and ``anatomy`` (present fraction per
-        structure and ``mean_liver_kidney_spleen``) when the checks hold ``present``."""
+        structure and ``mean_liver_kidney_spleen``) when the checks hold ``present``.
+
+        ``n_boot > 0`` adds 95 % intervals: ``*_fraction_ci95`` (Wilson score intervals of a proportion: a
+        percentile bootstrap of 16 of 16 successes is the empty interval [1, 1]) and, for the mean over the three
+        structures, ``mean_liver_kidney_spleen_ci95`` (volumes resampled, ``n_boot`` replicates, seeded)."""
         if not checks:
             raise ValueError("summarize needs at least one checked volume")
+        n = len(checks)
         out: dict[str, Any] = {"body_ok_fraction": float(np.mean([c["body_ok"] for c in checks])),
                                "bone_ok_fraction": float(np.mean([c["bone_ok"] for c in checks]))}
+        if n_boot:
+            out["body_ok_fraction_ci95"] = wilson_interval(sum(c["body_ok"] for c in checks), n)
+            out["bone_ok_fraction_ci95"] = wilson_interval(sum(c["bone_ok"] for c in checks), n)
         if all("present" in c for c in checks):
             frac = {s: float(np.mean([c["present"][s] for c in checks])) for s in STRUCTURES}
-            out["anatomy"] = {"present_fraction": frac,
-                              "mean_" + "_".join(CORE_STRUCTURES): float(np.mean([frac[s] for s in CORE_STRUCTURES]))}
+            mean_key = "mean_" + "_".join(CORE_STRUCTURES)
+            out["anatomy"] = {"present_fraction": frac, mean_key: float(np.mean([frac[s] for s in CORE_STRUCTURES]))}
+            if n_boot:
+                from lad.evaluation.uncertainty import bootstrap_ci
+
+                out["anatomy"]["present_fraction_ci95"] = {s: wilson_interval(sum(c["present"][s] for c in checks), n)
+                                                           for s in STRUCTURES}
+                per_volume = np.array([[c["present"][s] for s in CORE_STRUCTURES] for c in checks], np.float64)
+                out["anatomy"][mean_key + "_ci95"] = bootstrap_ci(lambda x: float(x.mean()), [per_volume],
+                                                                   out["anatomy"][mean_key], n_boot=n_boot, seed=seed)
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -175,7 +175,7 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
                  "hu_hist": {"organ": _hu_hist(real_vols, real_masks, lambda m: m == 1, bins),
                              "liver": _hu_hist(real_vols, real_organs, lambda m: m == 1, bins)},
                  "split": real_split,
-                 **ref.summarize(real_checks["checks"]), **({"fidelity_dice": real_checks["fidelity"]} if seg is not None else {}),
+                 **ref.summarize(real_checks["checks"], n_boot=n_boot, seed=seed), **({"fidelity_dice": real_checks["fidelity"]} if seg is not None else {}),
                  **({"fidelity_dice_ci95": real_checks["fidelity_ci95"](n_boot, seed)} if seg is not None and n_boot else {})},
         "sets": {},
         "settings": {"features": fx.label, "features_kind": fx.kind, "features_trained_on": fx.trained_on and
@@ -216,7 +216,7 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
             k = min(len(a), len(vols))
             entry["vs_half"] = {**_feature_distances(f_syn[:k], f_real[b], f_syn_loc[:k], f_real_loc[b]), "n": k, "n_real": len(b)}
         scored = _score_set(ref, vols, masks, seg, device)
-        entry.update(ref.summarize(scored["checks"]))
+        entry.update(ref.summarize(scored["checks"], n_boot=n_boot, seed=seed))
         if seg is not None:
             entry["fidelity_dice"] = scored["fidelity"]
             if n_boot:

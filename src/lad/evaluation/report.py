@@ -189,6 +189,8 @@ def _ci(value: float, ci: Any, fmt: str = ".4g") -> str:
     if not ci or len(ci) != 2 or not all(np.isfinite(ci)):
         return f"{value:{fmt}}"
     return f"{value:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
 def _selection_text(sel: dict[str, Any] | None) -> str:
     """The median-HU selection of a sample set, as the report shows it (``lad.sampling.generate.selection_summary``)."""
     if not sel or not sel.get("quality_check"):
@@ -241,10 +243,12 @@ def _anatomy_table(results: dict[str, Any]) -> str:
             a = e.get("anatomy")
             cells += ("".join(f"<td>{_fmt(a['present_fraction'][s])}</td>" for s in STRUCTURES) if a
                       else f"<td colspan={len(STRUCTURES)}></td>")
-            cells += f"<td><b>{_fmt(a[mean_key])}</b></td>" if a else "<td></td>"
+            cells += f"<td><b>{_ci(a[mean_key], a.get(mean_key + '_ci95'), '.2f')}</b></td>" if a else "<td></td>"
         fd = (e.get("fidelity_dice") or {}).get("organ")
-        cells += (f"<td>{_fmt(e.get('body_ok_fraction'))}</td><td>{_fmt(e.get('bone_ok_fraction'))}</td><td>{w1[0]}</td><td>{w1[1]}</td>"
-                  f"<td>{_fmt(fd, '.3f') if fd is not None else 'n/a (no --segmenter)'}</td><td>{e['n']}</td>")
+        fd_ci = (e.get("fidelity_dice_ci95") or {}).get("organ")
+        frac = lambda k: _ci(e[k], e.get(k + "_ci95"), ".2f") if e.get(k) is not None else _fmt(None)
+        cells += (f"<td>{frac('body_ok_fraction')}</td><td>{frac('bone_ok_fraction')}</td><td>{w1[0]}</td><td>{w1[1]}</td>"
+                  f"<td>{_ci(fd, fd_ci, '.3f') if fd is not None else 'n/a (no --segmenter)'}</td><td>{e['n']}</td>")
         return f"<tr><th>{html.escape(name)}</th>{cells}</tr>"
 
     rows = [row(name, e, (_fmt(e["hu_w1"]["organ"], ".1f"), _fmt(e["hu_w1"]["body"], ".1f")))
@@ -269,7 +273,8 @@ def _anatomy_table(results: dict[str, Any]) -> str:
             f"component above {a.get('bone_hu', 200):g} HU of at least {a.get('bone_min_voxels')} voxels lies at least half inside "
             f"the real windows' spine region ({a.get('spine_region_voxels')} voxels). W1: Wasserstein-1 distance between the "
             f"synthetic and real HU values inside the conditioning organ and inside the body. The real row scores the real "
-            f"windows against the reference built from themselves. A decoder-ceiling row scores a model's VQ-GAN "
+            f"windows against the reference built from themselves. Brackets: 95 % intervals (Wilson score intervals of the "
+            f"fractions; bootstrap over volumes for the mean and the Dice). A decoder-ceiling row scores a model's VQ-GAN "
             f"reconstructions of the real windows: its samples are decoded by that VQ-GAN, so the gap from the real row to "
             f"it is the autoencoder's, the gap from it to the samples the diffusion model's.</p>")
     return f"<h2>Anatomy and realism checks</h2><table><tr><th></th>{head}</tr>{''.join(rows)}</table>{note}"
