@@ -201,8 +201,11 @@ def test_save_load_round_trip(tmp_path):
     assert DDPMScheduler.from_pretrained(tmp_path / "ddim").config == s.config  # eta dropped for DDPM
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         DDPMScheduler.from_pretrained(tmp_path / "missing")
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+        load_scheduler(tmp_path / "sch", "heun")
+    with pytest.raises(ValueError, match="'euler' integrates a rectified-flow model"):  # a DDPM run (tests/test_samplers.py)
         load_scheduler(tmp_path / "sch", "euler")
+    assert isinstance(load_scheduler(tmp_path / "sch"), DDPMScheduler)  # as saved
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

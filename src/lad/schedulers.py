@@ -22,6 +22,18 @@ What is reused and what is written here, and why:
 Extras the sampler needs: ``step(..., generator=[g_0, g_1, ...])`` draws each sample's noise from its
 own generator (a sample does not depend on the batch it is in); per-sample timesteps ``(B,)``;
 ``save_pretrained`` / ``from_pretrained`` with ``scheduler_config.json``.
+
+Two few-step samplers, ours (the paper samples with DDPM-300):
+
+* ``DPMSolverMultistepScheduler``: DPM-Solver++(2M) (Lu et al. 2022), a second-order multistep solver of
+  the same model's probability-flow ODE, on the same respaced timesteps as DDIM (``--sampler dpmpp2m``);
+* ``RectifiedFlowScheduler``: rectified flow (Liu et al. 2023; MAISI-v2's objective), a training
+  objective of its own (``diffusion_train.prediction: rectified_flow``) with its Euler sampler
+  (``--sampler euler``). The DDPM samplers cannot sample a rectified-flow model nor Euler a DDPM one:
+  ``check_sampler`` refuses the mix.
+
+``load_scheduler`` reads back whichever class a folder holds; ``sampling_scheduler`` makes the sampler
+of a training schedule.
 """
 
 from __future__ import annotations
@@ -36,11 +48,14 @@ import torch
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "load_scheduler", "CONFIG_NAME", "SCHEDULES", "PREDICTION_TYPES"]
+__all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "RectifiedFlowScheduler", "load_scheduler",
+           "sampling_scheduler", "check_sampler", "CONFIG_NAME", "SCHEDULES", "PREDICTION_TYPES", "RECTIFIED_FLOW", "SAMPLERS"]
 
 CONFIG_NAME = "scheduler_config.json"
 SCHEDULES = ("cosine", "linear", "scaled_linear")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+RECTIFIED_FLOW = "rectified_flow"
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "euler")
 logger = get_logger(__name__)
 
 Timestep = int | torch.Tensor
@@ -219,15 +234,25 @@ class _Scheduler:
         return cls(**{**_read_config(path, cls), **overrides})
 
 
-def _read_config(path: str | Path, cls) -> dict:
+def _read_raw(path: str | Path) -> tuple[Path, dict]:
     f = Path(path) / CONFIG_NAME
     if not f.is_file():
         raise FileNotFoundError(f"{f}: no scheduler config (expected a folder written by save_pretrained)")
     try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f}: not valid JSON ({e})") from None
-    cfg.pop("_class", None)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
+    return f, cfg
+
+
+def _read_config(path: str | Path, cls) -> dict:
+    f, cfg = _read_raw(path)
+    saved = cfg.pop("_class", "DDPMScheduler")
+    if (saved == "RectifiedFlowScheduler") != (cls is RectifiedFlowScheduler):
+        raise ValueError(f"{f}: holds a {saved} ({'a rectified-flow' if saved == 'RectifiedFlowScheduler' else 'a DDPM'} "
+                         f"schedule), which {cls.__name__} cannot load; use lad.schedulers.load_scheduler")
     if cls is not DDIMScheduler:
         cfg.pop("eta", None)
     return cfg
@@ -300,9 +325,220 @@ class DDIMScheduler(_Scheduler):
         return prev.to(sample.dtype)
 
 
-def load_scheduler(path: str | Path, sampler: str = "ddpm", **overrides):
-    """A scheduler of kind ``sampler`` (ddpm | ddim) with the training schedule saved in ``path``."""
-    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}.get(sampler)
+class DPMSolverMultistepScheduler(_Scheduler):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), ours: a deterministic second-order multistep solver of
+    the probability-flow ODE of a model trained with DDPM (epsilon, v or x0 prediction), in its data
+    (x0) form, on the same respaced timesteps as DDIM (``set_timesteps``: ``round(linspace(T - 1, 0, n))``).
+
+    With ``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``, ``lambda = log(alpha / sigma)`` and
+    ``h = lambda_next - lambda_t``, one step from t to the next listed level is
+    ``x_next = (sigma_next / sigma_t) x_t - alpha_next (exp(-h) - 1) D``, where
+    ``D = (1 + 1 / (2 r)) x0_t - 1 / (2 r) x0_prev`` (``r = h_prev / h``), except on the first step (no
+    history) and the last two, where ``D`` is the x0 estimate at t (first order: exactly DDIM's step). The
+    last two: Lu et al.'s "lower order final" (their code and diffusers' use first order for the final steps of
+    short schedules). The respaced grid ends with t = 0 (sigma ~ 0.006, lambda ~ 4.4 with the cosine table)
+    and then the clean sample, so its last two steps are the final step of their grids (which end with the
+    clean sample) split in two; the second-order extrapolation over the large lambda jump onto t = 0
+    (h / h_prev ~ 4 at 10 steps) multiplied the error of a Gaussian-data oracle by 100 in that one step.
+
+    The scheduler keeps the previous step's x0 estimate (per sample, on the sample's device) between calls:
+    one trajectory per ``set_timesteps``; the history is cleared by ``set_timesteps`` and after the last step.
+    x0 clipping (``clip_sample``) applies to each estimate, as in DDIM.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._history: tuple[torch.Tensor, torch.Tensor] | None = None  # (x0 estimate, lambda) of the previous step
+        self._step_index = 0
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        super().set_timesteps(num_inference_steps, device)
+        self._reset()
+
+    def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor,
+             generator: Generators = None) -> torch.Tensor:
+        """One DPM-Solver++(2M) step from t to the next timestep of ``timesteps``.
+
+        Shapes and arguments as ``DDPMScheduler.step``; deterministic (``generator`` is accepted and unused).
+        Call it once per listed timestep, in order (the multistep history assumes it)."""
+        dt = self._compute_dtype(sample)
+        abar, abar_prev = self._tables(sample.device, dt)
+        a_t = _expand(self._index(abar, timestep), sample.ndim)
+        a_p = _expand(self._index(abar_prev, timestep), sample.ndim)
+        x = sample.to(dt)
+        x0, _ = self._x0_eps(model_output.to(dt), x, a_t)
+        alpha_t, sigma_t, alpha_p, sigma_p = a_t.sqrt(), (1 - a_t).sqrt(), a_p.sqrt(), (1 - a_p).sqrt()
+        lam_t = torch.log(alpha_t / sigma_t)
+        d = x0
+        if self._history is not None and self._step_index < self.num_inference_steps - 2:
+            x0_prev, lam_prev = self._history
+            lam_p = torch.log(alpha_p / sigma_p)
+            d = x0 + (lam_p - lam_t) / (2 * (lam_t - lam_prev)) * (x0 - x0_prev)
+        # -alpha_p (exp(-h) - 1) = alpha_p - sigma_p alpha_t / sigma_t: finite at sigma_p = 0 (the clean sample)
+        prev = (sigma_p / sigma_t) * x + (alpha_p - sigma_p * alpha_t / sigma_t) * d
+        self._history = (x0, lam_t)
+        self._step_index += 1
+        if self._step_index >= self.num_inference_steps:
+            self._reset()
+        return prev.to(sample.dtype)
+
+
+class RectifiedFlowScheduler:
+    """Rectified flow (Liu et al. 2023; MAISI-v2's objective), ours: a straight path between data and noise,
+    a velocity-predicting network, and its Euler sampler (``--sampler euler``).
+
+    Convention: MONAI's ``RFlowScheduler`` (used for ``add_noise``; its path, velocity and step, followed
+    exactly), with its time index shifted by one. For the network's integer timestep t in {0, ..., T - 1}:
+
+    * noise level ``s = (t + 1) / T`` in {1/T, ..., 1} (s = 1: pure noise);
+    * ``x_s = (1 - s) x0 + s eps`` (MONAI's ``add_noise`` at its timestep t + 1);
+    * the network predicts the velocity ``v = x0 - eps`` (MONAI's and MAISI's target ``images - noise``: it
+      points from noise to data, ``dx_s / ds = -v``); the x0 estimate is ``x_s + s v``;
+    * Euler step from s to the next listed level s' < s: ``x_s' = x_s + (s - s') v`` (MONAI's ``step``).
+
+    Why the shift: MONAI's timestep t means s = t / T and its sampler starts at t = T (s = 1), a value its
+    discrete training draw ``floor(U[0, 1) T)`` never produces and outside the [0, T) range of the
+    denoiser's time embedding (the DDPM's). With s = (t + 1) / T training and sampling use the DDPM's integers
+    0 .. T - 1: training draws ``t ~ U{0, ..., T - 1}`` (MONAI's uniform discrete draw, made by
+    ``diffusion_loss`` with the caller's generator), and t = T - 1 is pure noise as alpha_bar(T - 1) ~ 0 is for
+    the DDPM. ``set_timesteps(n)`` lists ``round(T (1 - i / n)) - 1``, i = 0 .. n - 1 (MONAI's grid, shifted):
+    n equal steps in s when n divides T, the last one landing on s = 0 (the clean sample).
+
+    Written here rather than taken from MONAI: the step (MONAI's takes one Python-int timestep and the next one,
+    reads them with ``float()`` (a host sync for a device tensor) and returns a tuple; here per-sample (B,)
+    timesteps and the next level from a table on the sample's device, as the DDPM schedulers), the timestep grid
+    (MONAI casts it through float16, exact only up to T = 2048) and save/load. Deterministic: ``step`` accepts
+    per-sample generators and draws nothing. Classifier-free guidance (eq. 4) applies to v unchanged: v is
+    affine in the model's output and the weights (1 + w, -w) sum to one.
+    """
+
+    def __init__(self, *, num_train_timesteps: int = 300, prediction_type: str = RECTIFIED_FLOW):
+        from monai.networks.schedulers import RFlowScheduler
+
+        if prediction_type != RECTIFIED_FLOW:
+            raise ValueError(f"RectifiedFlowScheduler predicts the rectified-flow velocity: prediction_type must be "
+                             f"{RECTIFIED_FLOW!r}, got {prediction_type!r}")
+        if int(num_train_timesteps) < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+        self.config = {"num_train_timesteps": int(num_train_timesteps), "prediction_type": RECTIFIED_FLOW}
+        self._monai = RFlowScheduler(num_train_timesteps=self.num_train_timesteps, use_discrete_timesteps=True)
+        self.set_timesteps(self.num_train_timesteps)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config["num_train_timesteps"]
+
+    def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``s = (t + 1) / T`` (float64) of integer timesteps t."""
+        return (torch.as_tensor(timesteps).double() + 1) / self.num_train_timesteps
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Sample in ``n`` Euler steps: ``timesteps`` = ``round(T (1 - i / n)) - 1`` for i = 0 .. n - 1 (descending,
+        unique), a (n,) long tensor on ``device``. ``n > T`` is reduced to T (with a warning)."""
+        n, T = int(num_inference_steps), self.num_train_timesteps
+        if n < 1:
+            raise ValueError(f"need at least one sampling step, got {num_inference_steps}")
+        if n > T:
+            logger.warning("%d sampling steps requested for a %d-step model; using %d", n, T, T)
+            n = T
+        ts = torch.tensor([int(round((1.0 - i / n) * T)) - 1 for i in range(n)], dtype=torch.long)  # as MONAI's grid
+        # ds[t] = s(t) - s(next level): listed timesteps step to the next listed one (the last to s = 0), others by 1 / T
+        s = self.noise_level(torch.arange(T))
+        nxt = s - 1.0 / T
+        nxt[ts] = torch.cat([self.noise_level(ts[1:]), torch.zeros(1, dtype=torch.float64)])
+        self._ds64 = s - nxt
+        self._cache: dict = {}
+        self.num_inference_steps = n
+        self.timesteps = ts.to(device) if device is not None else ts
+
+    def _ds(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = self._ds64.to(device=device, dtype=dtype)
+        return self._cache[key]
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Timestep) -> torch.Tensor:
+        """``(1 - s) x0 + s noise`` with ``s = (t + 1) / T`` (MONAI's ``add_noise`` at timestep t + 1).
+
+        ``original_samples``, ``noise``: (B, C, *spatial) float with 2 or 3 spatial axes (MONAI's); ``timesteps``:
+        (B,) long (on the samples' device) or an int. Returns (B, ...) in the samples' dtype, on their device."""
+        t = torch.as_tensor(timesteps, device=original_samples.device).reshape(-1)
+        out = self._monai.add_noise(original_samples, noise, t + 1)
+        return out.to(original_samples.dtype)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: Timestep) -> torch.Tensor:
+        """The training target ``v = x0 - noise`` (the same at every timestep; ``timesteps`` is for the interface)."""
+        return sample - noise
+
+    def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor,
+             generator: Generators = None) -> torch.Tensor:
+        """One Euler step ``x + (s_t - s_next) v`` from t to the next timestep of ``timesteps``.
+
+        Args:
+            model_output: (B, ...) the predicted velocity ``v = x0 - eps``.
+            timestep: the current t (int, 0-dim or (B,) long tensor); the last listed one steps to s = 0.
+            sample: (B, ...) float x_s.
+            generator: accepted for the interface; nothing is drawn.
+        Returns:
+            (B, ...) the sample at the next level, in the sample's dtype, on its device.
+        """
+        dt = _Scheduler._compute_dtype(sample)
+        ds = _expand(_Scheduler._index(self._ds(sample.device, dt), timestep), sample.ndim)
+        return (sample.to(dt) + ds * model_output.to(dt)).to(sample.dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``path/scheduler_config.json`` (atomically)."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        write_json(Path(path) / CONFIG_NAME, {"_class": type(self).__name__, **self.config})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "RectifiedFlowScheduler":
+        return cls(**{**_read_config(path, cls), **overrides})
+
+
+_SAMPLER_CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmpp2m": DPMSolverMultistepScheduler,
+                    "euler": RectifiedFlowScheduler}
+_CLASSES = {c.__name__: c for c in _SAMPLER_CLASSES.values()}
+
+
+def check_sampler(prediction_type: str, sampler: str) -> None:
+    """Refuse a sampler that cannot sample a model trained with ``prediction_type``: ``euler`` integrates a
+    rectified-flow model only; ``ddpm``, ``ddim`` and ``dpmpp2m`` sample DDPM-trained models only."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if prediction_type == RECTIFIED_FLOW and sampler != "euler":
+        raise ValueError(f"sampler {sampler!r} samples models trained with DDPM (epsilon, v or x0 prediction); this model was "
+                         f"trained with rectified flow: use --sampler euler (sampling.sampler: euler)")
+    if prediction_type != RECTIFIED_FLOW and sampler == "euler":
+        raise ValueError(f"sampler 'euler' integrates a rectified-flow model; this model was trained with DDPM "
+                         f"({prediction_type!r} prediction): use --sampler ddpm, ddim or dpmpp2m")
+
+
+def sampling_scheduler(config: dict, sampler: str, **overrides):
+    """The scheduler of kind ``sampler`` (ddpm | ddim | dpmpp2m | euler) for the training schedule ``config``
+    (a scheduler's ``config`` or a saved ``scheduler_config.json``); ``check_sampler`` refuses a mismatch."""
+    cfg = dict(config)
+    cfg.pop("_class", None)
+    check_sampler(cfg.get("prediction_type", "epsilon"), sampler)
+    cls = _SAMPLER_CLASSES[sampler]
+    if cls is not DDIMScheduler:
+        cfg.pop("eta", None)
+    return cls(**{**cfg, **overrides})
+
+
+def load_scheduler(path: str | Path, sampler: str | None = None, **overrides):
+    """The scheduler saved in ``path``: as saved (``sampler=None``), or the sampler of kind ``sampler``
+    (ddpm | ddim | dpmpp2m | euler) with that training schedule."""
+    f, cfg = _read_raw(path)
+    if sampler is not None:
+        return sampling_scheduler(cfg, sampler, **overrides)
+    name = cfg.pop("_class", "DDPMScheduler")
+    cls = _CLASSES.get(name)
     if cls is None:
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
-    return cls.from_pretrained(path, **overrides)
+        raise ValueError(f"{f}: unknown scheduler class {name!r}; expected one of {sorted(_CLASSES)}")
+    if cls is not DDIMScheduler:
+        cfg.pop("eta", None)
+    return cls(**{**cfg, **overrides})

@@ -25,11 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--augment", choices=["paper", "none"], default="paper", help="Locality Condition Augmentation (default: paper)")
     p.add_argument("--guidance", type=finite_float(-1.0, 100.0), default=None,
                    help="classifier-free guidance weight w of eq. (4) (default: the run's, 1.0 in every preset)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
-                   help="ddpm: ancestral, the paper's; ddim: deterministic (eta 0), ours. Default: the run's sampling section "
-                   "(RUN/config.yaml): ddpm for the paper presets, ddim for demo and tiny")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp2m", "euler"], default=None,
+                   help="ddpm: ancestral, the paper's; ddim: deterministic (eta 0), ours; dpmpp2m: DPM-Solver++(2M), deterministic, "
+                   "ours; euler: for runs trained with diffusion_train.prediction=rectified_flow (the only sampler for them), ours. "
+                   "Default: the run's sampling section (RUN/config.yaml): ddpm for the paper presets, ddim for demo and tiny")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="timesteps evenly spaced over the training steps, for either sampler; at most the training steps (more is "
+                   help="timesteps evenly spaced over the training steps, for every sampler; at most the training steps (more is "
                    "refused); DDPM with fewer is respaced DDPM. Default: the run's (paper presets 300, "
                    "demo and tiny 50)")
     p.add_argument("--seed", type=int, default=0)

@@ -90,9 +90,11 @@ def diffusion_loss(denoiser: Callable[..., torch.Tensor], scheduler, z0: torch.T
     ``z_t = scheduler.add_noise(z0, eps, t)``, ``loss(denoiser(z_t, t, cond), target)`` (mean over all elements).
 
     The target follows ``scheduler.config["prediction_type"]``: ``"epsilon"`` (the paper: ``eps``),
-    ``"v_prediction"`` (``sqrt(a_t) eps - sqrt(1 - a_t) z0``, Salimans & Ho 2022) or ``"sample"`` (``z0``).
+    ``"v_prediction"`` (``sqrt(a_t) eps - sqrt(1 - a_t) z0``, Salimans & Ho 2022), ``"sample"`` (``z0``) or
+    ``"rectified_flow"`` (ours: ``lad.schedulers.RectifiedFlowScheduler``, ``z_t = (1 - s) z0 + s eps`` with
+    ``s = (t + 1) / T``, target the velocity ``z0 - eps``; the same ``t`` draw).
     Classifier-free guidance combines v predictions with the same eq. (4) weights: v is affine in eps at a
-    fixed ``z_t`` and the weights sum to one, so guiding v equals guiding eps.
+    fixed ``z_t`` and the weights sum to one, so guiding v equals guiding eps (and so for the flow's velocity).
 
     ``z0``: (B, C, *spatial) float (scaled latent); ``cond``: (B, K) or None; ``scheduler`` needs
     ``num_train_timesteps`` and ``add_noise``; ``loss``: "l1" (the release) or "l2".
@@ -110,6 +112,11 @@ def diffusion_loss(denoiser: Callable[..., torch.Tensor], scheduler, z0: torch.T
     z_t = scheduler.add_noise(z0, noise, t)
     pred = denoiser(z_t, t, cond) if spatial is None else denoiser(z_t, t, cond, spatial)
     kind = getattr(scheduler, "config", {}).get("prediction_type", "epsilon")
-    target = noise if kind == "epsilon" else scheduler.get_velocity(z0, noise, t) if kind == "v_prediction" else z0
+    if kind == "epsilon":
+        target = noise
+    elif kind in ("v_prediction", "rectified_flow"):  # the scheduler's velocity: DDPM's v, or rectified flow's z0 - eps
+        target = scheduler.get_velocity(z0, noise, t)
+    else:
+        target = z0
     value = F.l1_loss(pred.float(), target.float()) if loss == "l1" else F.mse_loss(pred.float(), target.float())
     return value, {"diffusion": value.detach()}

@@ -47,7 +47,8 @@ class SampleSettings:
     guidance: float | None = None
     """w of eq. (4); None: the run's ``sampling.guidance`` (1.0 in every shipped preset)."""
     sampler: str | None = None
-    """"ddpm" | "ddim"; None: the run's ``sampling.sampler`` (paper presets: ddpm; demo, tiny: ddim, ours)."""
+    """"ddpm" | "ddim" | "dpmpp2m" (DDPM runs) or "euler" (rectified-flow runs); None: the run's ``sampling.sampler``
+    (paper presets: ddpm; demo, tiny: ddim, ours)."""
     steps: int | None = None
     """Timesteps evenly spaced over the training steps (at most all of them), for either sampler; None: the
     run's ``sampling.steps`` (paper presets: 300; demo, tiny: 50)."""
@@ -140,6 +141,7 @@ def generate_samples(
     ``stop_after`` (tests) stops after that many new samples, as a killed run would.
     """
     from lad.sampling.pipeline import LadPipeline
+    from lad.schedulers import SAMPLERS, check_sampler
     from lad.utils import distributed as ddist
 
     if settings.augment not in ("paper", "none"):
@@ -157,13 +159,14 @@ def generate_samples(
     torchrun = shard is None and ddist.env_world()[1] > 1
     dev = ddist.init_distributed(device, backend="gloo", timeout_min=24 * 60) if torchrun else ddist.local_device(device)
     settings = resolve_settings(settings, run)  # unset sampler / steps / guidance: the run's sampling section
-    if settings.sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"--sampler must be ddpm or ddim, got {settings.sampler!r}")
+    if settings.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {settings.sampler!r}")
     if not math.isfinite(settings.guidance):
         raise ValueError(f"--guidance must be a finite number, got {settings.guidance}")
     if int(settings.steps) != settings.steps or settings.steps < 1:
         raise ValueError(f"--steps must be a whole number >= 1, got {settings.steps}")
     pipe = LadPipeline.from_run(run, device=str(dev))
+    check_sampler(pipe.scheduler.config["prediction_type"], settings.sampler)  # euler for rectified flow, else the others
     max_steps = int(pipe.scheduler.config["num_train_timesteps"])
     if settings.steps > max_steps:
         raise ValueError(f"--steps {settings.steps}: the model was trained with {max_steps} timesteps, so at most "

@@ -32,7 +32,7 @@ def load_run_parts(run: str | Path, *, device: str | torch.device = "cpu", ema: 
     from lad.models.condition import ConditionExtractor
     from lad.models.denoiser import LatentDenoiser
     from lad.models.vqgan import VQGAN
-    from lad.schedulers import DDPMScheduler
+    from lad.schedulers import load_scheduler
     from lad.training.latents import file_hash
 
     run = Path(run)
@@ -55,7 +55,7 @@ def load_run_parts(run: str | Path, *, device: str | torch.device = "cpu", ema: 
     parts = {
         "vqgan": VQGAN.from_pretrained(run / "vqgan", map_location=device).to(device).eval(),
         "denoiser": LatentDenoiser.from_pretrained(den_dir, map_location=device).to(device).eval(),
-        "scheduler": DDPMScheduler.from_pretrained(run / "scheduler"),
+        "scheduler": load_scheduler(run / "scheduler"),  # as trained: DDPM or rectified flow
         "latent_stats": stats,
         "condition": None,
         "checkpoint_hash": file_hash(den_dir / "model.safetensors"),
@@ -153,22 +153,21 @@ class LadPipeline:
         return recon.clamp(0.0, 1.0)
 
     def _make_scheduler(self, sampler: str):
-        from lad.schedulers import DDIMScheduler, DDPMScheduler
+        """The scheduler of kind ``sampler`` (ddpm | ddim | dpmpp2m for DDPM runs, euler for rectified-flow runs;
+        ``lad.schedulers.check_sampler`` refuses the other pairs) with the run's training schedule."""
+        from lad.schedulers import RECTIFIED_FLOW, sampling_scheduler
 
         cfg = dict(self.scheduler.config)
         # Clip each x0 estimate to the training latents' range (diffusers' clip_sample). With the release's
         # cosine schedule alpha_bar(T-1) = 2.7e-8, so the first step's x0 = (z - sqrt(1 - a) eps) / sqrt(a)
         # multiplies the epsilon error by ~6000: without the clip, a demo model trained for 1200 steps
         # (loss 0.15) produced no body outline from pure noise, while noising a real latent to t = 150 and
-        # denoising it back was faithful (measured 2026-12-02, docs/sampling.md).
+        # denoising it back was faithful (measured 2026-12-02, docs/sampling.md). Rectified flow has no such
+        # amplification (its step adds the velocity times ds <= 1) and no clip.
         abs_max = self.latent_stats.get("scaled_abs_max")
-        if abs_max is not None and not cfg.get("clip_sample"):
+        if abs_max is not None and not cfg.get("clip_sample") and cfg.get("prediction_type") != RECTIFIED_FLOW:
             cfg.update(clip_sample=True, clip_sample_range=float(abs_max))
-        if sampler == "ddpm":
-            return DDPMScheduler(**cfg)
-        if sampler == "ddim":
-            return DDIMScheduler(**cfg)
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+        return sampling_scheduler(cfg, sampler)
 
     def to_hu(self, volumes: torch.Tensor) -> np.ndarray:
         """[0, 1] volumes -> HU float32 numpy (the inverse of the preprocessing's scaling)."""

@@ -78,8 +78,9 @@ class DiffusionTrainConfig:
     timesteps: int = 300
     schedule: Literal["cosine", "linear"] = "cosine"
     loss: Literal["l1", "l2"] = "l1"
-    # what the denoiser predicts: "epsilon" (the paper), "v_prediction" or "sample" (x0)
-    prediction: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    # what the denoiser predicts: "epsilon" (the paper), "v_prediction" or "sample" (x0); "rectified_flow" (ours, MAISI-v2's
+    # objective): the velocity of a straight data-noise path (lad.schedulers.RectifiedFlowScheduler; sample it with euler)
+    prediction: Literal["epsilon", "v_prediction", "sample", "rectified_flow"] = "epsilon"
     ema_decay: float = 0.995
     ema_every: int = 1
     """Update the EMA on every ``ema_every``-th step (``lad.training.ema.ema_step``). Ours: 1, from step 0
@@ -109,7 +110,8 @@ class SamplingConfig:
     training steps (DDPM with fewer steps than it was trained with is respaced DDPM, Nichol & Dhariwal 2021).
     """
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"
+    sampler: Literal["ddpm", "ddim", "dpmpp2m", "euler"] = "ddim"
+    """ddpm, ddim, dpmpp2m (DPM-Solver++(2M), ours) for DDPM-trained runs; euler for rectified-flow runs (ours)."""
     steps: int = 50
     guidance: float = 1.0
 
@@ -237,3 +239,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
             fail(sec, "channels", "a non-empty list of whole numbers >= 1")
     if any(not is_int(f) or f < 1 for f in cfg.vqgan.downsample):
         fail("vqgan", "downsample", "whole numbers >= 1")
+    from lad.schedulers import check_sampler
+
+    try:  # a run whose own sampling default cannot sample it is refused before training
+        check_sampler(cfg.diffusion_train.prediction, cfg.sampling.sampler)
+    except ValueError as e:
+        raise ValueError(f"sampling.sampler {cfg.sampling.sampler!r} does not fit diffusion_train.prediction "
+                         f"{cfg.diffusion_train.prediction!r}: {e}") from None

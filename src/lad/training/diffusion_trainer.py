@@ -107,7 +107,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     """
     from lad.models import guidance
     from lad.models.vqgan import VQGAN
-    from lad.schedulers import DDPMScheduler
+    from lad.schedulers import RECTIFIED_FLOW, DDPMScheduler, RectifiedFlowScheduler
     from lad.training.latents import build_latent_cache, file_hash, latent_stats
     from lad.training.vqgan_trainer import open_training_data
 
@@ -153,8 +153,11 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     scale = torch.tensor(stats["scale"], device=dev).view(1, -1, 1, 1, 1)
 
     ema = make_ema(net, decay=t.ema_decay)
-    scheduler = DDPMScheduler(num_train_timesteps=t.timesteps, schedule=t.schedule, prediction_type=t.prediction,
-                              beta_max=t.beta_max)
+    if t.prediction == RECTIFIED_FLOW:  # ours: rectified flow on the same integer timesteps (schedule, beta_max unused)
+        scheduler = RectifiedFlowScheduler(num_train_timesteps=t.timesteps)
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=t.timesteps, schedule=t.schedule, prediction_type=t.prediction,
+                                  beta_max=t.beta_max)
     # data parallel (torchrun): DDP on the denoiser + Condition Extractor; the module itself outside torchrun
     train_step = wrap_ddp(_DiffusionStep(net, scheduler, guidance.diffusion_loss, guidance.drop_condition, p_uncond=t.p_uncond,
                                          loss=t.loss, shard=(get_rank(), get_world_size())), dev)
@@ -232,16 +235,16 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
 
 @torch.no_grad()
 def _preview(net, vqgan, batch, masks, shift, scale, scheduler, gen, dev, steps: int = 10):
-    """Two conditional samples (EMA weights, 10 DDIM steps, guidance 1) decoded, each row followed by the row
-    of its conditioning mask (label / 2): axial + coronal middle slices. A cheap progress picture."""
+    """Two conditional samples (EMA weights, 10 DDIM steps, Euler for rectified flow, guidance 1) decoded, each row
+    followed by the row of its conditioning mask (label / 2): axial + coronal middle slices. A cheap progress picture."""
     from lad.models.guidance import guided_epsilon
-    from lad.schedulers import DDIMScheduler
+    from lad.schedulers import RECTIFIED_FLOW, sampling_scheduler
 
     n = min(2, batch["z"].shape[0])
     sub = {k: v[:n] for k, v in batch.items()}
     cond, spatial = _conditions(net, sub), _spatial(net, sub)
     null = net["condition"].null_cond if "condition" in net else None
-    ddim = DDIMScheduler(**scheduler.config)
+    ddim = sampling_scheduler(scheduler.config, "euler" if scheduler.config["prediction_type"] == RECTIFIED_FLOW else "ddim")
     ddim.set_timesteps(steps)
     z = torch.randn(sub["z"].shape, generator=gen).to(dev)
     for tt in ddim.timesteps:
