@@ -254,6 +254,7 @@ def plot_quality(rows: list[dict], real: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = (("seconds_per_volume", "seconds per volume (wall)", None), ("anatomy_present", "anatomy present", "anatomy"),
               ("organ_hu_w1", "organ HU W1 (HU)", None), ("fidelity_dice", "fidelity Dice", "fidelity_dice"), ("fid", "FID", "floor"))
@@ -280,6 +281,9 @@ def plot_quality(rows: list[dict], real: dict, path: Path) -> None:
         if ref is not None:
             ax.axhline(ref, color="gray", ls="--", lw=0.8, label="real" if ceiling != "floor" else "real-vs-real floor")
         ax.set_xscale("log")
+        ticks = sorted({r["steps"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("denoiser passes (steps)", fontsize=8)
         ax.set_title(title, fontsize=8)
         ax.legend(fontsize=6)

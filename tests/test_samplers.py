@@ -338,3 +338,28 @@ def test_batched_sampling_equals_unbatched(sampler, rf_run, handmade_run, handma
     other = pipe(masks[:1], seeds=[99], sampler=sampler, steps=5, guidance=1.0)
     assert float((other - batched[:1]).abs().max()) > 1e-3
     assert math.isfinite(float(batched.sum())) and batched.shape == (3, 1, 8, 32, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_new_steps_stay_on_the_device_without_host_sync():
+    """DPM-Solver++(2M) (a second-order step) and the Euler step and add_noise of rectified flow read no device
+    value on the host; their results equal the CPU's."""
+    dpm, rf = DPMSolverMultistepScheduler(), RectifiedFlowScheduler()
+    z = torch.randn(2, 1, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    zc, t_dev = z.cuda(), torch.tensor([3, 4], device="cuda")
+    for s in (dpm, rf):
+        s.set_timesteps(10, device="cuda")
+        s.step(zc, s.timesteps[0], zc)  # warm the device tables (the DPM history now holds one step)
+    rf.add_noise(zc, zc, t_dev)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a, b, c = dpm.step(zc, dpm.timesteps[1], zc), rf.step(zc, rf.timesteps[1], zc), rf.add_noise(zc, zc, t_dev)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    dpm_cpu, rf_cpu = DPMSolverMultistepScheduler(), RectifiedFlowScheduler()
+    for s in (dpm_cpu, rf_cpu):
+        s.set_timesteps(10)
+        s.step(z, s.timesteps[0], z)
+    torch.testing.assert_close(a.cpu(), dpm_cpu.step(z, dpm_cpu.timesteps[1], z))
+    torch.testing.assert_close(b.cpu(), rf_cpu.step(z, rf_cpu.timesteps[1], z))
+    torch.testing.assert_close(c.cpu(), rf_cpu.add_noise(z, z, torch.tensor([3, 4])))
