@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,10 +170,18 @@ def test_save_pretrained_refuses_an_existing_folder(tiny_run, tmp_path):
     assert not (busy / "keep.txt").exists() and (busy / "model_index.json").is_file()
     (tmp_path / "empty").mkdir()
     pipe.save_pretrained(tmp_path / "empty")  # an empty folder is fine
-    with pytest.raises(FileNotFoundError, match="neither a run folder"):
-        LadPipeline.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no such folder"):
-        LadPipeline.from_pretrained(tmp_path / "missing")
+    for where in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(FileNotFoundError, match="no trained VQ-GAN .* or give an exported pipeline, a folder with model_index.json"):
+            LadPipeline.from_pretrained(where)
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "empty", broken)
+    (broken / "model_index.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="model_index.json: corrupt pipeline index"):
+        LadPipeline.from_pretrained(broken)
+    shutil.rmtree(broken / "denoiser")
+    (broken / "model_index.json").write_text((tmp_path / "empty" / "model_index.json").read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="broken/denoiser: missing"):
+        LadPipeline.from_pretrained(broken)
 
 
 def test_lad_sample_runs_an_export_like_its_run(tiny_run, tiny_prepared, tmp_path):

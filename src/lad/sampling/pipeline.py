@@ -99,7 +99,8 @@ def load_run_parts(run: str | Path, *, device: str | torch.device = "cpu", ema: 
 
     run = Path(run)
     if not (run / "vqgan").is_dir():
-        raise FileNotFoundError(f"{run}: no trained VQ-GAN (run `lad train vqgan --run {run}` first)")
+        raise FileNotFoundError(f"{run}: no trained VQ-GAN (run `lad train vqgan --run {run}` first; or give an exported "
+                                f"pipeline, a folder with {MODEL_INDEX})")
     den_dir = run / ("denoiser_ema" if ema and (run / "denoiser_ema").is_dir() else "denoiser")
     if not den_dir.is_dir():
         raise FileNotFoundError(f"{run}: no trained denoiser (run `lad train diffusion --run {run}` first)")
@@ -186,10 +187,6 @@ class LadPipeline:
         path = Path(path)
         if is_export(path):
             return cls(**load_export_parts(path, device=device), device=device)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such folder (expected a run folder or an exported pipeline)")
-        if not (path / "vqgan").is_dir():
-            raise FileNotFoundError(f"{path}: neither a run folder (no vqgan/) nor an exported pipeline (no {MODEL_INDEX})")
         return cls.from_run(path, device=device, ema=ema)
 
     def save_pretrained(self, folder: str | Path, *, overwrite: bool = False) -> Path:
