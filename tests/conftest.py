@@ -4,13 +4,10 @@ and a trained tiny run."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-os.environ.setdefault("LAD_NO_PROGRESS", "1")
 
 # The suite's tensors are tiny: one intra-op thread is faster than two here (up to 47x on a loaded
 # 2-core machine) and leaves the second core to a parallel process.

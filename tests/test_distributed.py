@@ -64,13 +64,13 @@ def _spawn(fn, tmp_path: Path, *args) -> None:
 
 
 def _torchrun_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "LAD_NO_PROGRESS": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = _torchrun_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--standalone",
-           "-m", "lad", *args]
+           "-m", "lad", *args, *([] if "--no-progress" in args else ["--no-progress"])]
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r

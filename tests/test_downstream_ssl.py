@@ -11,7 +11,7 @@ import torch
 from lad.downstream.ssl.alpnet import ALPNet, alpnet_loss, class_score, global_prototype, local_prototypes, prototype_scores
 from lad.downstream.ssl.backbone import build_resnet, load_backbone_weights
 from lad.downstream.ssl.data import Scan, SlicePool, organ_binary
-from lad.downstream.ssl.episodes import AugmentConfig, apply_augmentation, draw_augmentation, make_episode_batch
+from lad.downstream.ssl.episodes import EpisodeAugmentConfig, apply_augmentation, draw_augmentation, make_episode_batch
 from lad.downstream.ssl.protocol import chunk_plan, dice_from_counts, evaluate_organ, query_part, support_positions
 from lad.downstream.ssl.superpixels import body_mask, slice_superpixels, volume_superpixels
 
@@ -152,21 +152,21 @@ def _pool(n: int = 4, size: int = 32) -> SlicePool:
 def test_augmentation_replays_and_identity():
     img = torch.from_numpy(_phantom_slice(32))
     mask = (img > 0.75).float()
-    p1 = draw_augmentation(torch.Generator().manual_seed(3), 32, AugmentConfig())
-    p2 = draw_augmentation(torch.Generator().manual_seed(3), 32, AugmentConfig())
+    p1 = draw_augmentation(torch.Generator().manual_seed(3), 32, EpisodeAugmentConfig())
+    p2 = draw_augmentation(torch.Generator().manual_seed(3), 32, EpisodeAugmentConfig())
     a, am = apply_augmentation(img, mask, p1)
     b, bm = apply_augmentation(img, mask, p2)
     assert torch.equal(a, b) and torch.equal(am, bm) and set(am.unique().tolist()) <= {0.0, 1.0}
-    ident = AugmentConfig(rotate_deg=0, shear_deg=0, scale=(1, 1), shift=0, elastic_alpha=0, gamma=(1, 1), contrast=(1, 1), brightness=0)
+    ident = EpisodeAugmentConfig(rotate_deg=0, shear_deg=0, scale=(1, 1), shift=0, elastic_alpha=0, gamma=(1, 1), contrast=(1, 1), brightness=0)
     c, cm = apply_augmentation(img, mask, draw_augmentation(torch.Generator().manual_seed(0), 32, ident))
     assert torch.allclose(c, img, atol=1e-5) and torch.equal(cm, mask)
 
 
 def test_episode_batch_is_a_pure_function_of_seed_and_step():
     pools = {"real": _pool()}
-    a = make_episode_batch(pools, batch_size=2, seed=1, step=5, synthetic_fraction=0.0, augment=AugmentConfig())
-    b = make_episode_batch(pools, batch_size=2, seed=1, step=5, synthetic_fraction=0.0, augment=AugmentConfig())
-    c = make_episode_batch(pools, batch_size=2, seed=1, step=6, synthetic_fraction=0.0, augment=AugmentConfig())
+    a = make_episode_batch(pools, batch_size=2, seed=1, step=5, synthetic_fraction=0.0, augment=EpisodeAugmentConfig())
+    b = make_episode_batch(pools, batch_size=2, seed=1, step=5, synthetic_fraction=0.0, augment=EpisodeAugmentConfig())
+    c = make_episode_batch(pools, batch_size=2, seed=1, step=6, synthetic_fraction=0.0, augment=EpisodeAugmentConfig())
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["query_image"], c["query_image"])
     assert a["support_image"].shape == (2, 1, 32, 32) and a["query_label"].dtype == torch.int64
     assert (a["query_label"].sum(dim=(1, 2)) >= 4).all()
@@ -177,7 +177,7 @@ def test_synthetic_fraction_draws_from_both_pools():
     syn.images = syn.images * 0 + 0.5  # recognisable: flat synthetic slices (superpixels from the real ones)
     syn.sources[:] = "synthetic"
     pools = {"real": real, "synthetic": syn}
-    ident = AugmentConfig(rotate_deg=0, shear_deg=0, scale=(1, 1), shift=0, elastic_alpha=0, gamma=(1, 1), contrast=(1, 1), brightness=0)
+    ident = EpisodeAugmentConfig(rotate_deg=0, shear_deg=0, scale=(1, 1), shift=0, elastic_alpha=0, gamma=(1, 1), contrast=(1, 1), brightness=0)
     flat = [bool(make_episode_batch(pools, batch_size=1, seed=0, step=s, synthetic_fraction=0.3, augment=ident)["query_image"].std() < 1e-4)
             for s in range(60)]
     assert 8 <= sum(flat) <= 30  # ~30 % synthetic
@@ -186,7 +186,7 @@ def test_synthetic_fraction_draws_from_both_pools():
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = ALPNet(backbone="resnet18", width=8, feature_channels=16, train_window=2, test_window=1)
-    batch = make_episode_batch({"real": _pool()}, batch_size=2, seed=0, step=0, synthetic_fraction=0.0, augment=AugmentConfig())
+    batch = make_episode_batch({"real": _pool()}, batch_size=2, seed=0, step=0, synthetic_fraction=0.0, augment=EpisodeAugmentConfig())
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     model.train()
     losses = []
@@ -201,10 +201,10 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    from lad.downstream.ssl.train import DataConfig, ModelConfig, TrainConfig, learning_rate, train_alpnet
+    from lad.downstream.ssl.train import DataConfig, ModelConfig, SSLTrainConfig, learning_rate, train_alpnet
 
     mc = ModelConfig(backbone="resnet18", width=8, feature_channels=16, train_window=2, test_window=1)
-    tc = TrainConfig(iterations=4, batch_size=1, lr=1e-2, lr_step=2, checkpoint_every=100, log_every=2)
+    tc = SSLTrainConfig(iterations=4, batch_size=1, lr=1e-2, lr_step=2, checkpoint_every=100, log_every=2)
     dc = DataConfig(image_size=32, superpixel_min_size=10)
     pools = {"real": _pool()}
     a = train_alpnet(pools, tmp_path / "a", model_cfg=mc, train_cfg=tc, data_cfg=dc, seed=3)

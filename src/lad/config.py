@@ -3,6 +3,10 @@
 * ``from_dict(cls, data)`` builds a (nested) dataclass and rejects unknown keys.
 * ``apply_overrides(cfg, ["train.lr=1e-4", ...])`` applies ``--set`` overrides with type checking.
 * ``load_preset(cls, kind, name)`` reads ``src/lad/configs/{kind}-{name}.yaml`` (or a YAML path).
+* ``resolve_config(cls, kind, preset, layers=..., overrides=...)``: the one merge order of every kind
+  (train, prepare, priors, features, downstream-*): the preset, then partial layers in order (a training
+  variant, a ``--config`` file, explicit command-line options), then ``--set`` overrides, which always win.
+* ``load_layer(path)`` reads a partial config file (YAML mapping) for ``layers``.
 * ``save_config(cfg, path)`` writes the fully resolved config (YAML) into a run folder.
 """
 
@@ -21,7 +25,8 @@ from lad.utils.atomic import write_text
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_preset", "save_config", "load_config", "preset_names", "PRESET_DIR"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_preset", "resolve_config", "load_layer", "merge_layer",
+           "parse_overrides", "save_config", "load_config", "preset_names", "PRESET_DIR"]
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -143,24 +148,90 @@ def from_dict(cls: type[T], data: dict, _where: str = "") -> T:
         raise ConfigError(f"{_where or cls.__name__}: {e}") from None
 
 
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """``["a.b=v", ...]`` -> ``[("a.b", value), ...]`` with each value parsed as YAML (``1e-4`` a float, ``false`` a bool)."""
+    out = []
+    for item in overrides or []:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: the value {raw!r} is not valid YAML (quote strings with ':' or '#')") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node, dict) or p not in node or not isinstance(node[p], dict):
+            raise ConfigError(f"--set {key}: unknown key {p!r}")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ConfigError(f"--set {key}: unknown key {parts[-1]!r}; known: {sorted(node)}")
+    node[parts[-1]] = value
+
+
 def apply_overrides(cfg: T, overrides: list[str] | None) -> T:
     """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
     data = to_dict(cfg)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            if not isinstance(node, dict) or p not in node or not isinstance(node[p], dict):
-                raise ConfigError(f"--set {key}: unknown key {p!r}")
-            node = node[p]
-        if parts[-1] not in node:
-            raise ConfigError(f"--set {key}: unknown key {parts[-1]!r}; known: {sorted(node)}")
-        node[parts[-1]] = value
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
     return from_dict(type(cfg), data)
+
+
+def merge_layer(cls: type, data: dict, layer: dict | None, *, source: str, _where: str = "") -> dict:
+    """``data`` (a plain dict of ``cls``) with the partial mapping ``layer`` merged in: nested sections are merged
+    key by key, every other value replaced. Unknown keys raise ``ConfigError`` naming ``source``."""
+    if not layer:
+        return data
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{source}: {_where or 'the config'} must be a mapping of keys to values, got {layer!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(layer) - names
+    if unknown:
+        raise ConfigError(f"{source}: unknown config key(s) {sorted(f'{_where}.{k}'.lstrip('.') for k in unknown)}; "
+                          f"known: {sorted(names)}")
+    out = dict(data)
+    for k, v in layer.items():
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_layer(hints[k], out[k], v, source=source, _where=f"{_where}.{k}".lstrip("."))
+        else:
+            out[k] = v
+    return out
+
+
+def load_layer(path: str | Path) -> dict:
+    """A partial config file (a YAML mapping of some keys, e.g. another run's ``RUN/config.yaml``) for ``layers``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(cls: type[T], kind: str, preset: str, *, layers: typing.Sequence[tuple[str, dict | None]] = (),
+                   overrides: list[str] | None = None) -> T:
+    """The one merge order of every config kind: preset < ``layers`` (``(source, partial mapping)``, in order) <
+    ``--set`` ``overrides``. Unknown keys in any layer or override raise ``ConfigError`` naming where they came from;
+    the values are type-checked once, on the merged result."""
+    data = to_dict(load_preset(cls, kind, preset))
+    for source, layer in layers:
+        data = merge_layer(cls, data, layer, source=source)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    return from_dict(cls, data)
 
 
 def preset_names(kind: str) -> list[str]:
@@ -181,7 +252,7 @@ def load_preset(cls: type[T], kind: str, name: str) -> T:
 def load_config(cls: type[T], path: str | Path) -> T:
     """Read a YAML config file into dataclass ``cls``."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     return from_dict(cls, data)

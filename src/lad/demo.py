@@ -53,8 +53,9 @@ def _done(out: Path, stage: str) -> Path:
     return out / ".stages" / f"{stage}.done"
 
 
-def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None, seed: int = 0, device: str = "cpu") -> Path:
-    """Run (or resume) the demo into ``out``; returns the path of ``report.html``."""
+def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None, seed: int = 0, device: str = "cpu",
+             progress_bar: bool = True) -> Path:
+    """Run (or resume) the demo into ``out``; returns the path of ``report.html``. ``progress_bar=False``: no bars."""
     from lad.data.phantom import write_phantom_dataset
     from lad.data.prepare import load_prepare_config, prepare_dataset
     from lad.evaluation.evaluate import evaluate
@@ -107,14 +108,14 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
     sample = SampleSettings(n=p["samples"], steps=p["steps"], sampler="ddim", guidance=1.0, seed=seed)
 
     stage("phantom", lambda: write_phantom_dataset(out / "phantom", p["n"], seed, spacing=p["spacing"], size=p["size"],
-                                                   preview=True, overwrite=True, workers=p["workers"]))
+                                                   preview=True, overwrite=True, workers=p["workers"], progress_bar=progress_bar))
     stage("prepare", lambda: (clean("prepared"), prepare_dataset("abdomenct1k", out / "phantom", out / "prepared",
-                                                                 load_prepare_config(p["prepare"]))))
+                                                                 load_prepare_config(p["prepare"]), progress_bar=progress_bar)))
 
     def train(run, cfg):
         clean(run)
-        train_vqgan(out / "prepared", out / run, cfg, device=device)
-        train_diffusion(out / "prepared", out / run, cfg, device=device)
+        train_vqgan(out / "prepared", out / run, cfg, device=device, progress_bar=progress_bar)
+        train_diffusion(out / "prepared", out / run, cfg, device=device, progress_bar=progress_bar)
 
     stage("train", lambda: train("run-lad", cfg_full))
     original = dataclasses.replace(sample, augment="none")
@@ -122,7 +123,8 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
     def sample_both(run: str, name: str):
         for folder, settings in ((f"samples-{name}", sample), (f"samples-{name}-original", original)):
             clean(folder)
-            generate_samples(out / run, out / "prepared", out / folder, settings, device=device, batch_size=4)
+            generate_samples(out / run, out / "prepared", out / folder, settings, device=device, batch_size=4,
+                             progress_bar=progress_bar)
 
     stage("sample", lambda: sample_both("run-lad", "lad"))
 
@@ -137,7 +139,7 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
 
         clean("segmenter")
         seg_cfg = load_segmenter_config(p["segmenter"], [f"seed={seed}", *p["segmenter_set"]])
-        train_segmenter(out / "prepared", out / "segmenter", seg_cfg, device=device)
+        train_segmenter(out / "prepared", out / "segmenter", seg_cfg, device=device, progress_bar=progress_bar)
 
     stage("segmenter", segmenter)
 
@@ -145,7 +147,7 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
         from lad.evaluation.ct_features import load_feature_train_config, train_features
 
         train_features(out / "prepared", out / "features", load_feature_train_config(p["features"], [f"seed={seed}"]),
-                       device=device, overwrite=True)
+                       device=device, overwrite=True, progress_bar=progress_bar)
 
     stage("features", features)
 
@@ -153,8 +155,8 @@ def run_demo(out: str | Path, *, preset: str = "demo", start: str | None = None,
         clean("evaluation")
         evaluate(out / "prepared", {name: out / folder for name, folder in _SETS.values()},
                  out / "evaluation", n_pairs=p["pairs"], seed=seed, device=device, segmenter=out / "segmenter",
-                 features=str(out / "features"))
-        _write_demo_report(out, preset, cfg_full, sample, timings)
+                 features=str(out / "features"), progress_bar=progress_bar)
+        _write_demo_report(out, preset, cfg_full, sample, timings, progress_bar=progress_bar)
 
     stage("evaluate", evaluation)
     write_summary(out)
@@ -306,7 +308,7 @@ def _count(manifest: dict, split: str) -> int:
     return sum(1 for w in manifest["windows"] if w["split"] == split)
 
 
-def _write_demo_report(out: Path, preset: str, cfg, sample, timings: dict) -> None:
+def _write_demo_report(out: Path, preset: str, cfg, sample, timings: dict, progress_bar: bool = True) -> None:
     """``DIR/report.html``: the evaluation report with the pipeline's settings, stage times and training curves first."""
     from lad.config import to_dict
     from lad.data.dataset import PreparedDataset
@@ -341,8 +343,8 @@ def _write_demo_report(out: Path, preset: str, cfg, sample, timings: dict) -> No
     fx = FeatureExtractor.from_spec(str(out / "features"))  # what evaluate() used
     sets = {name: load_synthetic(Path(e["path"])) for name, e in results["sets"].items()}
     cache = out / "evaluation" / "feature_cache"
-    embeds = {"real": fx.extract(real[0], cache_dir=cache)}
-    embeds.update({name: fx.extract(v[0], cache_dir=cache) for name, v in sets.items()})
+    embeds = {"real": fx.extract(real[0], cache_dir=cache, progress_bar=progress_bar)}
+    embeds.update({name: fx.extract(v[0], cache_dir=cache, progress_bar=progress_bar) for name, v in sets.items()})
     pairs = [(name, sets[name][0][p["synthetic"]], train_vols[p["train"]], p["distance"])
              for name, e in results["sets"].items() for p in e["memorisation"]["closest_pairs"][:2]]
     extra = {"Memorisation: closest synthetic-training pairs": closest_pairs_figure(pairs)} if pairs else {}

@@ -15,7 +15,7 @@ import sys
 
 from lad import __version__
 from lad.utils.atomic import OutputExistsError
-from lad.utils.log import configure_logging, get_logger, set_progress_enabled
+from lad.utils.log import configure_logging, get_logger
 
 # Verb modules in the order the method runs; a module not written yet is simply absent.
 VERB_MODULES = [
@@ -68,6 +68,11 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for clusters and logs)")
 
 
+def progress_bar(args: argparse.Namespace) -> bool:
+    """The ``progress_bar`` argument a verb passes down: False with ``--no-progress`` (non-main ranks never show bars)."""
+    return not getattr(args, "no_progress", False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -75,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.verb is None else 2
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
-    if getattr(args, "no_progress", False):
-        set_progress_enabled(False)
     try:
         if isinstance(getattr(args, "device", None), str):
             from lad.cli._args import check_device

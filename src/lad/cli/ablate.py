@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.evaluation.ablate import run_ablation
 
     priors = {}
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
                        overrides=args.overrides, n_samples=args.n, steps=args.steps, seed=args.seed, device=args.device,
                        features=args.features, segmenter=args.segmenter, n_pairs=args.pairs,
                        priors_data=priors, seeds=args.seeds, guidance=_floats(args.guidance),
-                       masks=[m.strip() for m in args.masks.split(",") if m.strip()], n_boot=args.bootstrap)
+                       masks=[m.strip() for m in args.masks.split(",") if m.strip()], n_boot=args.bootstrap,
+                       progress_bar=progress_bar(args))
     width = max(8, *(len(n) for n in res["sets"]))
     print(f"{'variant':{width}} {'FID':>9} {'MMD':>9} {'FIDloc':>9} {'MMDloc':>9} {'MS-SSIM':>8}")
     for name, e in res["sets"].items():

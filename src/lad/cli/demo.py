@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.demo import run_demo
 
-    report = run_demo(args.out, preset=args.preset, start=args.start, seed=args.seed, device=args.device)
+    report = run_demo(args.out, preset=args.preset, start=args.start, seed=args.seed, device=args.device,
+                      progress_bar=progress_bar(args))
     print(f"demo finished: open {report}")
     return 0

@@ -52,15 +52,16 @@ def register(parts: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from lad.cli import progress_bar
     from lad.downstream.ssl import load_ssl_config, run_ssl
 
-    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    overrides = ([f"seed={args.seed}"] if args.seed is not None else []) + list(args.overrides)  # --set wins
     cfg = load_ssl_config(args.preset, overrides)
     preset = Path(args.preset).stem if args.preset.endswith((".yaml", ".yml")) else args.preset
     res = run_ssl(args.data, args.out, cfg, train=args.train, synthetic=args.synthetic, synthetic_volumes=args.synthetic_volumes,
                   synthetic_ratio=args.synthetic_ratio, synthetic_episode_fraction=args.synthetic_episode_fraction,
                   test_scans=args.test_scans, setting=args.setting, runs=args.runs, preset=preset, backbone_weights=args.backbone_weights,
-                  resume=args.resume, overwrite=args.overwrite, device=args.device)
+                  resume=args.resume, overwrite=args.overwrite, device=args.device, progress_bar=progress_bar(args))
     for r in res.get("sweep", [res]):
         syn = f", {r['synthetic_volumes']} synthetic volumes" if res["train"] != "real" else ""
         print(f"SSL-ALPNet 1-shot Dice (preset {res['preset']}, backbone: {res['backbone']}{syn}, {len(r['runs'])} run(s)):")

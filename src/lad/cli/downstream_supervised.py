@@ -41,15 +41,16 @@ def register(parts: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.downstream.supervised import load_supervised_config, run_supervised
 
-    overrides = list(args.overrides) + ([f"network={args.network}"] if args.network else []) + (
-        [f"seed={args.seed}"] if args.seed is not None else [])
+    overrides = ([f"network={args.network}"] if args.network else []) + (
+        [f"seed={args.seed}"] if args.seed is not None else []) + list(args.overrides)  # --set wins
     cfg = load_supervised_config(args.preset, overrides)
     res = run_supervised(args.data, args.out, cfg, synthetic=args.synthetic, synthetic_multiple=args.synthetic_multiple,
                          synthetic_volumes=args.synthetic_volumes, real_sizes=args.real_sizes, ood_test=args.ood_test,
                          preset=args.preset, device=args.device, resume=args.resume,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, progress_bar=progress_bar(args))
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     for r in res["runs"]:
         for test, key in (("ID ", "metrics"), ("OOD", "metrics_ood")):

@@ -32,11 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.evaluation.evaluate import evaluate, parse_synthetic_args
 
     res = evaluate(args.real, parse_synthetic_args(args.synthetic), args.out, features=args.features, n_pairs=args.pairs,
                    seed=args.seed, device=args.device, overwrite=args.overwrite, segmenter=args.segmenter,
-                   ellipses=args.ellipses, n_boot=args.bootstrap)
+                   ellipses=args.ellipses, n_boot=args.bootstrap, progress_bar=progress_bar(args))
     for name, e in res["sets"].items():
         ci = e.get("fid_ci95")
         print(f"{name}: FID {e['fid']:.4g}{f' [{ci[0]:.4g}, {ci[1]:.4g}]' if ci else ''} MMD {e['mmd']:.4g} FIDloc {e['fid_localized']:.4g} MMDloc {e['mmd_localized']:.4g} "

@@ -26,10 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.evaluation.ct_features import load_feature_train_config, train_features
 
     cfg = load_feature_train_config(args.preset, args.overrides)
-    s = train_features(args.data, args.out, cfg, device=args.device, overwrite=args.overwrite)
+    s = train_features(args.data, args.out, cfg, device=args.device, overwrite=args.overwrite, progress_bar=progress_bar(args))
     dice = ", ".join(f"{k} {v:.3f}" for k, v in s["train_dice"].items())
     print(f"feature network: {args.out} ({s['n_windows']} training windows, {s['steps']} steps, {s['seconds']:.0f} s); "
           f"training Dice: {dice}")

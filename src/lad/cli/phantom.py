@@ -30,12 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from lad.cli import progress_bar
     from lad.data.phantom import write_phantom_dataset
 
     t0 = time.perf_counter()
     paths = write_phantom_dataset(args.out_dir, args.n, args.seed, tumor_fraction=args.tumor_fraction,
                                   spacing=tuple(args.spacing), size=tuple(args.size), preview=args.preview,
-                                  overwrite=args.overwrite, workers=args.workers)
+                                  overwrite=args.overwrite, workers=args.workers, progress_bar=progress_bar(args))
     print(f"wrote {len(paths)} phantom subjects to {args.out_dir} in {time.perf_counter() - t0:.1f} s"
           + (f" (preview: {args.out_dir}/preview.png)" if args.preview else ""))
     return 0

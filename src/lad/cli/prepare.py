@@ -36,12 +36,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", type=finite_float(0.0, 1.0, lo_open=True), help="training fraction by patient (default 0.8)")
     p.add_argument("--seed", type=int, help="split seed (default 0)")
     p.add_argument("--workers", type=positive_int, default=1, help="parallel patients")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any prepare config value, e.g. --set body_threshold_hu=-400 (repeatable; unknown keys are "
+                   "rejected; wins over the options above)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.data.prepare import load_prepare_config, prepare_dataset
 
     overrides = {
@@ -50,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
         "require": [o.strip() for part in args.require for o in part.split(",") if o.strip()] if args.require else None,
         "split": args.split, "seed": args.seed,
     }
-    cfg = load_prepare_config(args.preset, overrides)
+    cfg = load_prepare_config(args.preset, overrides, args.overrides)
     s = prepare_dataset(args.layout, args.input, args.output, cfg, label_map=args.label_map, priors=args.priors,
-                        workers=args.workers, overwrite=args.overwrite)
+                        workers=args.workers, overwrite=args.overwrite, progress_bar=progress_bar(args))
     print(f"prepared {s['kept']}/{s['patients']} patients ({s['dropped']} dropped): "
           f"{s['windows_train']} train + {s['windows_test']} test windows of {cfg.depth}x{cfg.size[0]}x{cfg.size[1]} "
           f"in {s['seconds']} s -> {args.output}")

@@ -38,19 +38,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.priors.train import load_segmenter_config, train_segmenter
 
-    overrides = list(args.overrides) + ([f"network={args.network}"] if args.network else [])
+    overrides = ([f"network={args.network}"] if args.network else []) + list(args.overrides)  # --set wins
     dice = train_segmenter(args.data, args.out, load_segmenter_config(args.preset, overrides), resume=args.resume,
-                           overwrite=args.overwrite, device=args.device)
+                           overwrite=args.overwrite, device=args.device, progress_bar=progress_bar(args))
     print("segmenter Dice (held-out): " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items()))
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.priors.predict import predict_priors
 
     s = predict_priors(args.input, args.out, segmenter=args.segmenter, backend=args.backend, layout=args.layout,
-                       device=args.device, overwrite=args.overwrite)
+                       device=args.device, overwrite=args.overwrite, progress_bar=progress_bar(args))
     print(f"predicted {s['predicted']}, skipped {s['skipped']} (finished), failed {len(s['failed'])} -> {args.out}")
     return 0 if not s["failed"] else 1

@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.sampling.generate import SampleSettings, generate_samples
 
     settings = SampleSettings(
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, format=args.format, max_retries=args.max_retries, quality_check=args.quality_check,
     )
     summary = generate_samples(args.run, args.masks, args.out, settings, shard=args.shard,
-                               batch_size=args.batch_size, device=args.device, overwrite=args.overwrite)
+                               batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+                               progress_bar=progress_bar(args))
     if args.preview:
         from lad.sampling.preview import write_preview
 

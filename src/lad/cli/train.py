@@ -11,9 +11,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="run folder holding both parts (--run-dir: the same, for torchrun, whose own parser rejects --run "
                    "as an ambiguous abbreviation)")
     p.add_argument("--preset", default="demo", help="paper-abdomenct1k | paper-totalsegmentator | demo | tiny | a YAML file")
-    p.add_argument("--variant", choices=["V0", "V1", "V2", "V3", "full"], help="Table 2 ablation (default: the preset's, full)")
+    p.add_argument("--variant", choices=["V0", "V1", "V2", "V3", "full"],
+                   help="Table 2 ablation (default: the preset's, full): presets of the Locality Loss weight and the "
+                   "content / structure switches, under --config and --set")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="a YAML file of config values (some keys, or a whole RUN/config.yaml) over the preset and variant")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set vqgan_train.steps=500 (repeatable; unknown keys are rejected)")
+                   help="override a config value, e.g. --set vqgan_train.steps=500 (repeatable; unknown keys are rejected; "
+                   "wins over --preset, --variant and --config; the result is saved as RUN/config.yaml)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this part")
@@ -44,26 +49,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _config(args):
     from lad.training.config import resolve_train_config
 
-    return resolve_train_config(args.preset, args.overrides, variant=args.variant, seed=args.seed)
+    return resolve_train_config(args.preset, args.overrides, variant=args.variant, seed=args.seed, config=args.config)
 
 
 def run_vqgan(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.training.vqgan_trainer import train_vqgan
     from lad.utils.log import is_main_process
 
     out = train_vqgan(args.data, args.run, _config(args), resume=args.resume, overwrite=args.overwrite,
                       device=args.device, perceptual_weights=args.perceptual_weights,
-                      discard_diffusion=args.discard_diffusion)
+                      discard_diffusion=args.discard_diffusion, progress_bar=progress_bar(args))
     if is_main_process():  # under torchrun: once
         print(f"VQ-GAN: {out}")
     return 0
 
 
 def run_diffusion(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.training.diffusion_trainer import train_diffusion
     from lad.utils.log import is_main_process
 
-    out = train_diffusion(args.data, args.run, _config(args), resume=args.resume, overwrite=args.overwrite, device=args.device)
+    out = train_diffusion(args.data, args.run, _config(args), resume=args.resume, overwrite=args.overwrite, device=args.device,
+                          progress_bar=progress_bar(args))
     if is_main_process():  # under torchrun: once
         print(f"diffusion model: {out}")
     return 0

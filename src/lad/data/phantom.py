@@ -116,6 +116,7 @@ def write_phantom_dataset(
     preview: bool = False,
     overwrite: bool = False,
     workers: int = 1,
+    progress_bar: bool = True,
 ) -> list[Path]:
     """Write ``n`` phantom subjects in the AbdomenCT-1K layout into ``out_dir``; returns the image paths.
 
@@ -137,9 +138,9 @@ def write_phantom_dataset(
     jobs = [(str(out), i, derive_seed(seed, i), kwargs) for i in range(n)]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-            cases = list(progress(pool.map(_write_one, jobs), total=n, desc="phantom", unit="subject"))
+            cases = list(progress(pool.map(_write_one, jobs), total=n, desc="phantom", unit="subject", disable=not progress_bar))
     else:
-        cases = [_write_one(j) for j in progress(jobs, desc="phantom", unit="subject")]
+        cases = [_write_one(j) for j in progress(jobs, desc="phantom", unit="subject", disable=not progress_bar)]
     if preview:
         write_preview(out, cases[: min(4, n)])
     return [out / f"{c}_0000.nii.gz" for c in cases]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lad.config import from_dict, load_preset, to_dict
+from lad.config import resolve_config, to_dict
 from lad.data.labels import HU_MAX, HU_MIN, ORGAN_LABELS, ORGAN_NAMES, lad_mask_from_organs
 from lad.utils.atomic import OutputExistsError, atomic_dir, write_json
 from lad.utils.log import get_logger, progress
@@ -320,6 +320,7 @@ def prepare_dataset(
     priors: str | Path | None = None,
     workers: int = 1,
     overwrite: bool = False,
+    progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Prepare every case of ``input`` (``layout``) into ``output`` with ``config``; returns a summary.
 
@@ -400,10 +401,10 @@ def prepare_dataset(
     results = []
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
-            for r in progress(pool.map(_worker, todo), total=len(todo), desc="prepare", unit="patient"):
+            for r in progress(pool.map(_worker, todo), total=len(todo), desc="prepare", unit="patient", disable=not progress_bar):
                 results.append(r)
     else:
-        for t in progress(todo, desc="prepare", unit="patient"):
+        for t in progress(todo, desc="prepare", unit="patient", disable=not progress_bar):
             results.append(_worker(t))
     for cid, meta, drop in results:
         if meta is not None:
@@ -444,14 +445,12 @@ def prepare_dataset(
     return summary
 
 
-def load_prepare_config(preset: str | None, overrides: dict[str, Any] | None = None) -> PrepareConfig:
-    """A preset (default paper-abdomenct1k) with explicit option overrides applied."""
-    cfg = load_preset(PrepareConfig, "prepare", preset or "paper-abdomenct1k")
-    if overrides:
-        data = to_dict(cfg)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = from_dict(PrepareConfig, data)
-    return cfg
+def load_prepare_config(preset: str | None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> PrepareConfig:
+    """A preset (default paper-abdomenct1k) < explicit options (``overrides``: ``{key: value}``, None values skipped,
+    e.g. ``lad prepare --depth 32``) < ``--set key=value`` (``sets``): ``lad.config.resolve_config``'s merge order."""
+    options = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return resolve_config(PrepareConfig, "prepare", preset or "paper-abdomenct1k", layers=[("command-line options", options)],
+                          overrides=sets)
 
 
 def export_window(prepared: str | Path, window_id: str, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:

@@ -64,7 +64,7 @@ def run_ablation(data: str | Path, out: str | Path, *, preset: str = "demo", var
                  overrides: list[str] | None = None, n_samples: int = 16, steps: int | None = None, seed: int = 0, device: str = "cpu",
                  features: str = "random-resnet10", segmenter: str | Path | None = None, n_pairs: int = 100,
                  priors_data: dict[str, str | Path] | None = None, seeds: int = 1, guidance: Sequence[float] = (1.0,),
-                 masks: Sequence[str] = ("augmented", "original"), n_boot: int = 200) -> dict:
+                 masks: Sequence[str] = ("augmented", "original"), n_boot: int = 200, progress_bar: bool = True) -> dict:
     """Train, sample and evaluate every variant; returns the evaluation results (``out/report.html``) with
     ``results["ablation"]`` = the summary rows (``summarise``) also written as CSV / Markdown / PNG.
 
@@ -104,21 +104,21 @@ def run_ablation(data: str | Path, out: str | Path, *, preset: str = "demo", var
                 cfg = resolve_train_config(preset, overrides, variant=v, seed=s)
                 run = out / "runs" / (key if seeds == 1 else f"{key}/seed{s}")
                 if not (run / "vqgan" / "model.safetensors").exists():
-                    train_vqgan(source, run, cfg, resume=True, device=device)
+                    train_vqgan(source, run, cfg, resume=True, device=device, progress_bar=progress_bar)
                 if not (run / "denoiser_ema" / "model.safetensors").exists():
-                    train_diffusion(source, run, cfg, resume=True, device=device)
+                    train_diffusion(source, run, cfg, resume=True, device=device, progress_bar=progress_bar)
                 for w in guidance:
                     for m in masks:
                         set_name = (key + (f" s{s}" if seeds > 1 else "") + (f" w={w:g}" if len(guidance) > 1 else "")
                                     + (" (original masks)" if m == "original" else ""))
                         folder = set_name.replace(" ", "_").replace("(", "").replace(")", "")
                         settings = SampleSettings(n=n_samples, steps=steps, seed=s, guidance=w, augment=MASK_SOURCES[m])
-                        generate_samples(run, source, out / "samples" / folder, settings, device=device)
+                        generate_samples(run, source, out / "samples" / folder, settings, device=device, progress_bar=progress_bar)
                         synthetic[set_name] = out / "samples" / folder
                         index[set_name] = {"variant": key, "seed": s, "guidance": w, "masks": m}
             log.info("ablation: %s done", key)
     res = evaluate(data, synthetic, out / "evaluation", features=features, n_pairs=n_pairs, seed=seed, device=device,
-                   segmenter=segmenter, overwrite=True, n_boot=n_boot)
+                   segmenter=segmenter, overwrite=True, n_boot=n_boot, progress_bar=progress_bar)
     rows = summarise(res, index)
     res["ablation"] = rows
     _write_tables(out, rows, guidance, masks)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lad.config import apply_overrides, load_preset, save_config
+from lad.config import resolve_config, save_config
 from lad.data.labels import ORGAN_NAMES
 from lad.models.base import PretrainedMixin, register_to_config
 from lad.utils.atomic import prepare_output_dir, write_json, write_text
@@ -145,7 +145,7 @@ class FeatureTrainConfig:
 
 def load_feature_train_config(preset: str = "demo", overrides: list[str] | None = None) -> FeatureTrainConfig:
     """Preset ``features-<preset>.yaml`` (tiny | demo | paper | a YAML path) with ``--set`` overrides."""
-    return apply_overrides(load_preset(FeatureTrainConfig, "features", preset), overrides)
+    return resolve_config(FeatureTrainConfig, "features", preset, overrides=overrides)
 
 
 def is_feature_dir(path: str | Path) -> bool:
@@ -160,7 +160,7 @@ def model_dir(path: str | Path) -> Path:
 
 
 def train_features(data: str | Path, out: str | Path, cfg: FeatureTrainConfig, *, device: str = "cpu",
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, progress_bar: bool = True) -> dict:
     """Train ``CTFeatureNet`` on the ``train`` split of prepared dataset ``data``; returns the training summary.
 
     Only training windows are read (the held-out test split is the evaluation's real set and must stay
@@ -187,7 +187,7 @@ def train_features(data: str | Path, out: str | Path, cfg: FeatureTrainConfig, *
     gen = torch.Generator().manual_seed(cfg.seed)
     log_lines, t0 = [], time.perf_counter()
     net.train()
-    for step in progress(range(1, cfg.steps + 1), total=cfg.steps, desc="features", unit="step"):
+    for step in progress(range(1, cfg.steps + 1), total=cfg.steps, desc="features", unit="step", disable=not progress_bar):
         idx = torch.randint(len(ds), (min(cfg.batch_size, len(ds)),), generator=gen)
         x, y = images[idx].to(dev), labels[idx].to(dev)
         logits = net(x)

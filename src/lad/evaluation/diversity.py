@@ -120,7 +120,7 @@ def ms_ssim_3d(a: Any, b: Any, *, kernel_size: int = 11, kernel_sigma: float = 1
 
 
 def pairwise_ms_ssim(volumes: Sequence[Any], n_pairs: int = 400, seed: int = 0, *, batch_pairs: int = 4,
-                     device: str = "cpu", **setup_kwargs: Any) -> MetricResult:
+                     device: str = "cpu", progress_bar: bool = True, **setup_kwargs: Any) -> MetricResult:
     """Mean MS-SSIM over ``n_pairs`` random distinct unordered pairs ``(i < j)`` of ``volumes`` (seeded).
 
     All pairs are used when fewer than ``n_pairs`` exist. ``volumes``: a sequence (random access) of
@@ -137,7 +137,7 @@ def pairwise_ms_ssim(volumes: Sequence[Any], n_pairs: int = 400, seed: int = 0, 
     pairs = list(zip(iu[pick].tolist(), ju[pick].tolist()))
     setup = ms_ssim_setup(_as_dhw(volumes[0]).shape, **setup_kwargs)
     vals: list[float] = []
-    with torch.inference_mode(), progress(total=len(pairs), desc="MS-SSIM pairs", unit="pair") as bar:
+    with torch.inference_mode(), progress(total=len(pairs), desc="MS-SSIM pairs", unit="pair", disable=not progress_bar) as bar:
         for s in range(0, len(pairs), batch_pairs):
             chunk = pairs[s : s + batch_pairs]
             xa = torch.stack([_as_dhw(volumes[i]) for i, _ in chunk]).to(device)

@@ -127,7 +127,8 @@ def check_evaluate_args(real: str | Path, synthetic: dict[str, Path], out: str |
 
 def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, features: str = "random-resnet10",
              n_pairs: int = 400, seed: int = 0, device: str = "cpu", overwrite: bool = False,
-             segmenter: str | Path | None = None, ellipses: str = "least-squares", n_boot: int = 200) -> dict[str, Any]:
+             segmenter: str | Path | None = None, ellipses: str = "least-squares", n_boot: int = 200,
+             progress_bar: bool = True) -> dict[str, Any]:
     """Compute every metric for each synthetic set against the real prepared dataset; write the report.
 
     ``ellipses``: the MDS figure's, "least-squares" fits (the paper's) or "2-sigma" (``report.fit_ellipse``).
@@ -157,10 +158,11 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     fx = FeatureExtractor.from_spec(str(features), device=device)
     _check_feature_split(fx, real)
     cache = out / "feature_cache"
-    f_real = fx.extract(real_vols, n=len(real_vols), cache_dir=cache)
-    f_real_loc = fx.extract([apply_box(v, box) for v in real_vols], n=len(real_vols))
-    f_train = fx.extract(train_vols, n=len(train_vols), cache_dir=cache)
-    real_div = pairwise_ms_ssim([v[0] for v in real_vols], n_pairs=n_pairs, seed=seed)
+    bars = {"progress_bar": progress_bar}
+    f_real = fx.extract(real_vols, n=len(real_vols), cache_dir=cache, **bars)
+    f_real_loc = fx.extract([apply_box(v, box) for v in real_vols], n=len(real_vols), **bars)
+    f_train = fx.extract(train_vols, n=len(train_vols), cache_dir=cache, **bars)
+    real_div = pairwise_ms_ssim([v[0] for v in real_vols], n_pairs=n_pairs, seed=seed, **bars)
     bins = np.linspace(-200, 300, 51)
     seg = None
     if segmenter is not None:
@@ -195,9 +197,9 @@ def evaluate(real: str | Path, synthetic: dict[str, Path], out: str | Path, *, f
     decoded: dict[Path, dict[str, Any]] = {}  # decoder ceiling per run (sets drawn from one run share it)
     for name, folder in synthetic.items():
         vols, masks = load_synthetic(Path(folder))
-        f_syn = fx.extract(vols, n=len(vols), cache_dir=cache)
-        f_syn_loc = fx.extract([apply_box(v, box) for v in vols], n=len(vols))
-        div = pairwise_ms_ssim([v[0] for v in vols], n_pairs=n_pairs, seed=seed)
+        f_syn = fx.extract(vols, n=len(vols), cache_dir=cache, **bars)
+        f_syn_loc = fx.extract([apply_box(v, box) for v in vols], n=len(vols), **bars)
+        div = pairwise_ms_ssim([v[0] for v in vols], n_pairs=n_pairs, seed=seed, **bars)
         r_fid, r_mmd = fid(f_real, f_syn), mmd(f_real, f_syn)
         l_fid, l_mmd = fid(f_real_loc, f_syn_loc), mmd(f_real_loc, f_syn_loc)
         entry = {

@@ -208,7 +208,7 @@ class FeatureExtractor:
         return f"{h.hexdigest()[:32]}_{self.fingerprint}"
 
     def extract(self, volumes: Iterable[Any], batch_size: int = 4, cache_dir: str | Path | None = None,
-                n: int | None = None) -> np.ndarray:
+                n: int | None = None, *, progress_bar: bool = True) -> np.ndarray:
         """Features ``(N, feature_dim)`` float32 of ``(1, D, H, W)`` or ``(D, H, W)`` volumes in [0, 1].
 
         Volumes are batched (consecutive volumes of equal shape); with ``cache_dir`` each volume's
@@ -233,7 +233,7 @@ class FeatureExtractor:
                         np.save(tmp, row)
             pending.clear()
 
-        for i, v in enumerate(progress(volumes, total=n, desc="features", unit="vol")):
+        for i, v in enumerate(progress(volumes, total=n, desc="features", unit="vol", disable=not progress_bar)):
             v = np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v), dtype=np.float32)
             if v.ndim == 3:
                 v = v[None]

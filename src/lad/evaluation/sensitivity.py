@@ -61,7 +61,7 @@ def is_monotonic(values: Sequence[float]) -> bool:
 
 def sensitivity_table(reference: Sequence[np.ndarray], other: Sequence[np.ndarray], other_organs: Sequence[np.ndarray],
                       extractor: Any, box: tuple[slice, ...], *, degradations: dict[str, Sequence[float]] | None = None,
-                      seed: int = 0) -> list[dict[str, Any]]:
+                      seed: int = 0, progress_bar: bool = True) -> list[dict[str, Any]]:
     """Holistic FID, localized FID, MMD and localized MMD of ``reference`` vs ``other`` and vs degraded ``other``.
 
     ``reference`` / ``other``: volumes ``(1, D, H, W)`` in [0, 1]; ``other_organs``: their organ maps ``(D, H, W)``;
@@ -73,11 +73,12 @@ def sensitivity_table(reference: Sequence[np.ndarray], other: Sequence[np.ndarra
     from lad.evaluation.realism import fid, mmd
 
     degradations = DEGRADATIONS if degradations is None else degradations
-    f_ref = extractor.extract(list(reference))
-    f_ref_loc = extractor.extract([apply_box(v, box) for v in reference])
+    bars = {"progress_bar": progress_bar}
+    f_ref = extractor.extract(list(reference), **bars)
+    f_ref_loc = extractor.extract([apply_box(v, box) for v in reference], **bars)
 
     def row(name: str, strength: float, vols: list[np.ndarray]) -> dict[str, Any]:
-        f, f_loc = extractor.extract(vols), extractor.extract([apply_box(v, box) for v in vols])
+        f, f_loc = extractor.extract(vols, **bars), extractor.extract([apply_box(v, box) for v in vols], **bars)
         return {"degradation": name, "strength": strength, "fid": fid(f_ref, f).value, "fid_localized": fid(f_ref_loc, f_loc).value,
                 "mmd": mmd(f_ref, f).value, "mmd_localized": mmd(f_ref_loc, f_loc).value, "n_reference": len(f_ref), "n": len(f)}
 

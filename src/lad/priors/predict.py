@@ -133,7 +133,7 @@ def _predict_totalseg(raw_path: Path, raw, device: str):
 
 
 def predict_priors(input: str | Path, out: str | Path, *, segmenter: str | Path | None = None, backend: str = "lad",
-                   layout: str = "folder", device: str = "cpu", overwrite: bool = False) -> dict:
+                   layout: str = "folder", device: str = "cpu", overwrite: bool = False, progress_bar: bool = True) -> dict:
     """Predict label maps for every CT of ``input`` into ``out``; returns a summary."""
     import SimpleITK as sitk
 
@@ -160,7 +160,7 @@ def predict_priors(input: str | Path, out: str | Path, *, segmenter: str | Path 
     out.mkdir(parents=True, exist_ok=True)
     cases = discover_ct(input, layout)
     done, skipped, failed = 0, 0, []
-    for cid, path in progress(cases, desc="priors", unit="case"):
+    for cid, path in progress(cases, desc="priors", unit="case", disable=not progress_bar):
         target = out / f"{cid}.nii.gz"
         if target.exists() and (out / f"{cid}.json").exists() and not overwrite:
             skipped += 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lad.config import apply_overrides, load_preset, save_config
+from lad.config import resolve_config, save_config
 from lad.data.labels import ORGAN_NAMES
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger, progress
@@ -73,7 +73,7 @@ def evaluate_segmenter(model, dataset, device) -> dict[str, float]:
 
 
 def train_segmenter(data: str | Path, out: str | Path, cfg: SegmenterTrainConfig, *, resume: bool = False,
-                    overwrite: bool = False, device: str = "cpu", stop_after: int | None = None) -> dict:
+                    overwrite: bool = False, device: str = "cpu", stop_after: int | None = None, progress_bar: bool = True) -> dict:
     """Train the segmenter into ``out``; returns the validation Dice per label."""
     from monai.losses import DiceCELoss
     from monai.utils import convert_to_tensor
@@ -105,7 +105,7 @@ def train_segmenter(data: str | Path, out: str | Path, cfg: SegmenterTrainConfig
     tf = train_transforms(cfg, train.shape)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     model.train()
-    bar = progress(range(start, end), total=end - start, desc="segmenter", unit="step")
+    bar = progress(range(start, end), total=end - start, desc="segmenter", unit="step", disable=not progress_bar)
     for step in bar:
         seed_step(cfg.seed, step, "segmenter")
         tf.set_random_state(seed=int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0] % (2**31)))
@@ -137,4 +137,4 @@ def train_segmenter(data: str | Path, out: str | Path, cfg: SegmenterTrainConfig
 
 
 def load_segmenter_config(preset: str, overrides: list[str] | None = None) -> SegmenterTrainConfig:
-    return apply_overrides(load_preset(SegmenterTrainConfig, "priors", preset), overrides)
+    return resolve_config(SegmenterTrainConfig, "priors", preset, overrides=overrides)

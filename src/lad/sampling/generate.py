@@ -5,7 +5,8 @@ Locality Condition Augmentation drawn from that seed, conditions through the Con
 classifier-free guidance, decoding, then the NIfTI files and, last, the sample's record (see
 ``lad.sampling.writer``). Sampler, steps and guidance not given come from the run's ``sampling``
 section (``RUN/config.yaml``: the paper presets sample with DDPM-300, the demo and tiny presets with
-our DDIM-50).
+our DDIM-50). ``run`` is a run folder or an exported pipeline (``LadPipeline.save_pretrained``): both
+load through ``LadPipeline.from_pretrained`` and sample through ``LadPipeline.__call__``.
 
 Optional selection (``quality_check``, off by default; not in the paper): a sample whose median HU
 inside the conditioned organ lies outside the range seen in the training data is redrawn, up to
@@ -25,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from lad.sampling.augment import NO_AUGMENTATION, AugmentConfig, augment_mask
 from lad.sampling.masks import MaskItem, MaskSource
@@ -61,13 +61,11 @@ class SampleSettings:
 
 def resolve_settings(settings: SampleSettings, run: str | Path) -> SampleSettings:
     """``settings`` with ``sampler``, ``steps`` and ``guidance`` left None taken from the ``sampling`` section of
-    ``RUN/config.yaml`` (``lad.training.config.SamplingConfig``; its defaults for a run saved without one)."""
-    from lad.config import from_dict
-    from lad.training.config import SamplingConfig
+    ``RUN/config.yaml`` (or an exported pipeline's ``pipeline_config.json``; ``lad.training.config.SamplingConfig``,
+    its defaults for a run saved without one)."""
+    from lad.sampling.pipeline import load_sampling_defaults
 
-    f = Path(run) / "config.yaml"
-    saved = (yaml.safe_load(f.read_text()) or {}).get("sampling") if f.exists() else None
-    run_cfg = from_dict(SamplingConfig, saved or {}, _where=f"{f}: sampling")
+    run_cfg = load_sampling_defaults(run)
     keys = ("sampler", "steps", "guidance")
     return dataclasses.replace(settings, **{k: getattr(run_cfg, k) for k in keys if getattr(settings, k) is None})
 
@@ -135,10 +133,12 @@ def generate_samples(
     overwrite: bool = False,
     augment_config: AugmentConfig | None = None,
     stop_after: int | None = None,
+    progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Generate ``settings.n`` samples into ``out`` (this process's shard only); returns a summary.
 
-    ``stop_after`` (tests) stops after that many new samples, as a killed run would.
+    ``run``: a run folder or an exported pipeline. ``stop_after`` (tests) stops after that many new samples, as a
+    killed run would. ``progress_bar=False`` (``--no-progress``): no bar.
     """
     from lad.sampling.pipeline import LadPipeline
     from lad.schedulers import SAMPLERS, check_sampler
@@ -165,7 +165,7 @@ def generate_samples(
         raise ValueError(f"--guidance must be a finite number, got {settings.guidance}")
     if int(settings.steps) != settings.steps or settings.steps < 1:
         raise ValueError(f"--steps must be a whole number >= 1, got {settings.steps}")
-    pipe = LadPipeline.from_run(run, device=str(dev))
+    pipe = LadPipeline.from_pretrained(run, device=str(dev))
     check_sampler(pipe.scheduler.config["prediction_type"], settings.sampler)  # euler for rectified flow, else the others
     max_steps = int(pipe.scheduler.config["num_train_timesteps"])
     if settings.steps > max_steps:
@@ -185,13 +185,15 @@ def generate_samples(
         folder.open(saved, overwrite=overwrite)
         if torchrun and ddist.get_rank() == 0:
             ddist.barrier()
-        return _generate(pipe, source, folder, settings, shard_ik, batch_size, augment_config, stop_after, torchrun, out)
+        return _generate(pipe, source, folder, settings, shard_ik, batch_size, augment_config, stop_after, torchrun, out,
+                         progress_bar)
     finally:
         folder.unlock(lock)
 
 
 def _generate(pipe, source: MaskSource, folder: SampleFolder, settings: SampleSettings, shard_ik: tuple[int, int],
-              batch_size: int, augment_config: AugmentConfig | None, stop_after: int | None, torchrun: bool, out) -> dict[str, Any]:
+              batch_size: int, augment_config: AugmentConfig | None, stop_after: int | None, torchrun: bool, out,
+              progress_bar: bool = True) -> dict[str, Any]:
     from lad.utils import distributed as ddist
 
     stats = pipe.latent_stats
@@ -201,7 +203,7 @@ def _generate(pipe, source: MaskSource, folder: SampleFolder, settings: SampleSe
     if stop_after is not None:
         todo = todo[:stop_after]
     t0, done, redrawn = time.perf_counter(), 0, 0
-    bar = progress(total=len(todo), desc="sampling", unit="vol")
+    bar = progress(total=len(todo), desc="sampling", unit="vol", disable=not progress_bar)
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         items: list[MaskItem] = [source[j % len(source)] for j in batch]

@@ -103,7 +103,7 @@ def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScal
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
 
 
-def validate_dataset(ds, divisible_by: tuple[int, ...] | None = None) -> None:
+def validate_dataset(ds, divisible_by: tuple[int, ...] | None = None, *, progress_bar: bool = True) -> None:
     """Refuse a training split that would fail mid-run: no windows, mixed window shapes, mask labels
     outside {0, 1, 2}, or a window shape that the VQ-GAN compression does not divide.
 
@@ -114,7 +114,7 @@ def validate_dataset(ds, divisible_by: tuple[int, ...] | None = None) -> None:
     if divisible_by is not None and any(s % f for s, f in zip(ds.shape, divisible_by)):
         raise ValueError(f"{ds.path}: window shape {tuple(ds.shape)} is not divisible by the VQ-GAN compression {tuple(divisible_by)}")
     patients = sorted({w["patient"] for w in ds.windows})
-    for pid in progress(patients, desc="check data", unit="patient"):
+    for pid in progress(patients, desc="check data", unit="patient", disable=not progress_bar):
         arrays = ds._patient(pid)
         for key in ("image", "mask"):
             shape = tuple(arrays[key].shape[1:])

@@ -3,18 +3,37 @@
 Presets live in ``src/lad/configs/train-<name>.yaml``: ``paper-abdomenct1k`` and
 ``paper-totalsegmentator`` (the paper's hyperparameters and the public release's recipe; the learning rate is used
 exactly as configured, never rescaled), ``demo`` (minutes on 2 CPU cores) and ``tiny`` (tests).
+
+A variant (Table 2) is a partial preset of the same keys (``VARIANT_PRESETS``). ``resolve_train_config`` merges, in
+this one order: the preset < the variant < a ``--config`` file < ``--seed`` < ``--set`` overrides, so an explicit
+``--set condition.use_structure=false`` wins over ``--variant full``; ``RUN/config.yaml`` records the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Literal
 
-from lad.config import apply_overrides, load_preset
+from lad.config import ConfigError, load_layer, load_preset, parse_overrides, resolve_config
+from lad.utils.log import get_logger
 
-__all__ = ["TrainConfig", "SamplingConfig", "VARIANTS", "resolve_train_config", "validate_train_config"]
+__all__ = ["TrainConfig", "SamplingConfig", "VARIANTS", "VARIANT_PRESETS", "resolve_train_config", "validate_train_config"]
 
 VARIANTS = ("V0", "V1", "V2", "V3", "full")
+
+# Table 2's ablations as partial presets of the config's own keys: V0 Medical Diffusion (no Locality Loss, no
+# condition), V1 content, V2 structure, V3 content + structure (no Locality Loss), full = Locality Loss + content +
+# structure. "full" leaves vqgan_train.locality_weight at the preset's value (lambda = 1.0 in every shipped preset).
+VARIANT_PRESETS: dict[str, dict] = {
+    "V0": {"vqgan_train": {"locality_weight": 0.0}, "condition": {"use_content": False, "use_structure": False}},
+    "V1": {"vqgan_train": {"locality_weight": 0.0}, "condition": {"use_content": True, "use_structure": False}},
+    "V2": {"vqgan_train": {"locality_weight": 0.0}, "condition": {"use_content": False, "use_structure": True}},
+    "V3": {"vqgan_train": {"locality_weight": 0.0}, "condition": {"use_content": True, "use_structure": True}},
+    "full": {"condition": {"use_content": True, "use_structure": True}},
+}
+
+log = get_logger(__name__)
 
 
 @dataclasses.dataclass
@@ -160,30 +179,53 @@ class TrainConfig:
         return self.condition.use_content or self.condition.use_structure
 
 
-def apply_variant(cfg: TrainConfig) -> TrainConfig:
-    """Table 2's ablations: V0 Medical Diffusion (no locality, no condition), V1 content, V2 structure,
-    V3 content + structure (no locality), full = locality + content + structure."""
-    locality = {"V0": 0.0, "V1": 0.0, "V2": 0.0, "V3": 0.0}.get(cfg.variant)
-    content = cfg.variant in ("V1", "V3", "full")
-    structure = cfg.variant in ("V2", "V3", "full")
-    vt = dataclasses.replace(cfg.vqgan_train, locality_weight=cfg.vqgan_train.locality_weight if locality is None else locality)
-    cond = dataclasses.replace(cfg.condition, use_content=content, use_structure=structure)
-    return dataclasses.replace(cfg, vqgan_train=vt, condition=cond)
+def _variant_layer(name: str) -> dict:
+    return {"variant": name, **VARIANT_PRESETS[name]}
 
 
 def resolve_train_config(preset: str = "demo", overrides: list[str] | None = None, variant: str | None = None,
-                         seed: int | None = None) -> TrainConfig:
-    """Preset -> ``--set`` overrides -> ``--variant`` / ``--seed`` -> the variant's switches."""
-    cfg = apply_overrides(load_preset(TrainConfig, "train", preset), overrides)
-    if variant is not None:
-        if variant not in VARIANTS:
-            raise ValueError(f"--variant must be one of {VARIANTS}, got {variant!r}")
-        cfg = dataclasses.replace(cfg, variant=variant)
+                         seed: int | None = None, config: str | Path | None = None) -> TrainConfig:
+    """The training config: preset < variant < ``config`` file < ``seed`` (``--seed``) < ``--set`` ``overrides``.
+
+    ``preset``: a shipped name (``preset_names("train")``) or a YAML file holding a whole config. ``variant``: V0, V1,
+    V2, V3 or full (default: the one the config file, an override or the preset names); its switches (Locality Loss
+    weight, content and structure condition) sit under the config file and the overrides, so an explicit value always
+    wins. ``config``: a YAML file of some keys (e.g. another run's ``RUN/config.yaml``). Two sources naming different
+    variants are refused.
+    """
+    file_layer = load_layer(config) if config is not None else {}
+    named = [(src, v) for src, v in (("--variant", variant), (f"{config}", file_layer.get("variant")),
+                                     ("--set variant", dict(parse_overrides(overrides)).get("variant"))) if v is not None]
+    for src, v in named:
+        if v not in VARIANTS:
+            raise ValueError(f"--variant must be one of {VARIANTS}, got {v!r}" if src == "--variant"
+                             else f"{src}: variant must be one of {VARIANTS}, got {v!r}")
+    if len({v for _, v in named}) > 1:
+        raise ConfigError("conflicting variants: " + ", ".join(f"{src} {v}" for src, v in named) + "; name one")
+    name = named[0][1] if named else load_preset(TrainConfig, "train", preset).variant
+    layers = [(f"variant {name}", _variant_layer(name))]
+    if config is not None:
+        layers.append((str(config), file_layer))
     if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=seed)
-    cfg = apply_variant(cfg)
+        layers.append(("--seed", {"seed": int(seed)}))
+    cfg = resolve_config(TrainConfig, "train", preset, layers=layers, overrides=overrides)
+    _note_variant_departures(cfg)
     validate_train_config(cfg)
     return cfg
+
+
+def _note_variant_departures(cfg: TrainConfig) -> None:
+    """Log the keys where the resolved config departs from its variant's preset (set explicitly: they win)."""
+    def walk(layer: dict, obj, prefix: str):
+        for k, v in layer.items():
+            if isinstance(v, dict):
+                yield from walk(v, getattr(obj, k), f"{prefix}{k}.")
+            elif getattr(obj, k) != v:
+                yield f"{prefix}{k}={getattr(obj, k)!r} (variant {cfg.variant}: {v!r})"
+
+    departures = list(walk(VARIANT_PRESETS[cfg.variant], cfg, ""))
+    if departures:
+        log.warning("explicit values override the variant's: %s; RUN/config.yaml records what runs", ", ".join(departures))
 
 
 _POSITIVE_INTS = {

@@ -108,7 +108,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     from lad.models import guidance
     from lad.models.vqgan import VQGAN
     from lad.schedulers import RECTIFIED_FLOW, DDPMScheduler, RectifiedFlowScheduler
-    from lad.training.latents import build_latent_cache, file_hash, latent_stats
+    from lad.training.latents import LatentScaler, build_latent_cache, file_hash
     from lad.training.vqgan_trainer import open_training_data
 
     run = Path(run)
@@ -116,7 +116,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     check_global_batch(cfg.diffusion_train.batch_size, "diffusion_train.batch_size")
     if not (run / "vqgan" / "model.safetensors").exists():
         raise FileNotFoundError(f"{run}: no trained VQ-GAN; run `lad train vqgan --run {run}` first")
-    ds = open_training_data(data, cfg)
+    ds = open_training_data(data, cfg, progress_bar=progress_bar)
     if cfg.precision == "fp16" and dev.type != "cuda":
         raise ValueError("precision fp16 needs CUDA; use fp32 (or bf16, slow on CPU) with --device cpu")
     vqgan = VQGAN.from_pretrained(run / "vqgan", map_location=dev).to(dev).eval().requires_grad_(False)
@@ -144,13 +144,14 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     c = cfg.condition
     cache = build_latent_cache(run, ds, vqgan, content=cfg.conditional and c.use_content,
                                structure=cfg.conditional and c.use_structure, device=dev,
-                               spatial=tuple(cfg.vqgan.downsample) if net["denoiser"].spatial_channels else None)
-    stats = latent_stats(cache["z"])
+                               spatial=tuple(cfg.vqgan.downsample) if net["denoiser"].spatial_channels else None,
+                               progress_bar=progress_bar)
+    latent_scaler = LatentScaler.fit(cache["z"])
+    stats = latent_scaler.to_dict()
     stats.update(latent_shape=list(latent_shape), image_shape=list(ds.shape), spacing=list(ds.config["spacing"]),
                  organ=ds.config.get("organ", "pancreas"), fingerprint=ds.fingerprint,
                  vqgan_hash=file_hash(run / "vqgan" / "model.safetensors"))
-    shift = torch.tensor(stats["shift"], device=dev).view(1, -1, 1, 1, 1)
-    scale = torch.tensor(stats["scale"], device=dev).view(1, -1, 1, 1, 1)
+    latent_scaler = latent_scaler.to(dev)
 
     ema = make_ema(net, decay=t.ema_decay)
     if t.prediction == RECTIFIED_FLOW:  # ours: rectified flow on the same integer timesteps (schedule, beta_max unused)
@@ -184,7 +185,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
         idx = torch.from_numpy(shard_batch(batch_indices(step, t.batch_size, len(ds), cfg.seed)))
         batch = {k: v[idx].to(dev, non_blocking=True) for k, v in cache.items()}
         t_data += time.perf_counter() - t0
-        z0 = (batch["z"] - shift) / scale
+        z0 = latent_scaler.scale(batch["z"])
         with autocast(dev, cfg.precision):
             loss, logs = train_step(batch, z0, gen)
         opt.zero_grad(set_to_none=True)
@@ -213,7 +214,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
                 bar.set_postfix(loss=f"{means.get('diffusion', float('nan')):.4f}")
         if cfg.logging.image_every and done % cfg.logging.image_every == 0 and is_main_process():
             masks = [torch.from_numpy(ds[int(i)]["mask"]).float() / 2 for i in idx[:2]]
-            logger.image("diffusion/samples", _preview(ema.module, vqgan, batch, masks, shift, scale, scheduler, gen, dev), done)
+            logger.image("diffusion/samples", _preview(ema.module, vqgan, batch, masks, latent_scaler, scheduler, gen, dev), done)
         # no checkpoint during a run of skipped (non-finite) steps: resume from the last healthy one
         if (done % cfg.logging.checkpoint_every == 0 or done == t.steps) and guard.in_a_row == 0:
             save_checkpoint(ckpt, done, modules, optims,
@@ -234,7 +235,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
 
 
 @torch.no_grad()
-def _preview(net, vqgan, batch, masks, shift, scale, scheduler, gen, dev, steps: int = 10):
+def _preview(net, vqgan, batch, masks, latent_scaler, scheduler, gen, dev, steps: int = 10):
     """Two conditional samples (EMA weights, 10 DDIM steps, Euler for rectified flow, guidance 1) decoded, each row
     followed by the row of its conditioning mask (label / 2): axial + coronal middle slices. A cheap progress picture."""
     from lad.models.guidance import guided_epsilon
@@ -251,7 +252,7 @@ def _preview(net, vqgan, batch, masks, shift, scale, scheduler, gen, dev, steps:
         eps = guided_epsilon(net["denoiser"], z, torch.full((n,), int(tt), device=dev, dtype=torch.long), cond, null, 1.0,
                              spatial=spatial)
         z = ddim.step(eps, tt, z)
-    x = vqgan.decode_latent(z * scale + shift)
+    x = vqgan.decode_latent(latent_scaler.unscale(z))
     rows = []
     for i in range(n):
         rows += [x[i], masks[i]]

@@ -5,9 +5,10 @@ encoded masks when the content condition is on, ``betti`` Betti vectors when the
 condition is on, ``mask_lr`` the spatial condition map when the denoiser takes one) and ``meta.json`` with the hash of ``RUN/vqgan/model.safetensors`` and of the
 dataset manifest: a changed VQ-GAN or dataset invalidates the cache.
 
-Latent scaling (``RUN/latent_stats.json``): per-channel mean and standard deviation of the training
-latents, ``z_scaled = (z - shift) / scale`` (unit variance, as MAISI scales by 1/std; the release
-min-max scales with the codebook's range, which one outlier code stretches).
+Latent scaling (``LatentScaler``, saved as ``RUN/latent_stats.json``): per-channel mean and standard deviation
+of the training latents, ``z_scaled = (z - shift) / scale`` (unit variance, as MAISI scales by 1/std; the release
+min-max scales with the codebook's range, which one outlier code stretches). The one object training, sampling
+and export use.
 
 Under torch.distributed (``torchrun``) every rank encodes the windows ``rank::world`` and writes them to
 ``RUN/latent_cache.parts/``; rank 0 merges the parts into the cache, and all ranks then read it (the run
@@ -29,7 +30,7 @@ from lad.utils.atomic import atomic_dir, write_json
 from lad.utils.distributed import barrier, broadcast_object, get_rank, get_world_size
 from lad.utils.log import get_logger, is_main_process, progress
 
-__all__ = ["file_hash", "build_latent_cache", "latent_stats"]
+__all__ = ["file_hash", "build_latent_cache", "LatentScaler"]
 
 log = get_logger(__name__)
 
@@ -44,7 +45,8 @@ def file_hash(path: Path) -> str:
 
 @torch.no_grad()
 def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: bool, device: torch.device,
-                       batch_size: int = 4, spatial: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
+                       batch_size: int = 4, spatial: tuple[int, int, int] | None = None,
+                       progress_bar: bool = True) -> dict[str, torch.Tensor]:
     """Latents of every training window (computed once; reused while the VQ-GAN and data are unchanged).
     ``spatial``: the VQ-GAN's down-sampling factors when the spatial condition map is needed, else None."""
     from lad.models.condition import encode_mask, spatial_condition
@@ -65,7 +67,7 @@ def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: b
     mine = list(range(rank, len(dataset), world))
     zs, mzs, bettis, lrs = [], [], [], []
     vqgan = vqgan.to(device).eval()
-    for s in progress(range(0, len(mine), batch_size), desc="encode latents", unit="batch"):
+    for s in progress(range(0, len(mine), batch_size), desc="encode latents", unit="batch", disable=not progress_bar):
         items = [dataset[i] for i in mine[s : s + batch_size]]
         x = torch.from_numpy(np.stack([it["image"] for it in items])).to(device)
         m = np.stack([it["mask"] for it in items])
@@ -120,10 +122,79 @@ def _merge_parts(run: Path, part: dict[str, torch.Tensor], rank: int, world: int
     return out
 
 
-def latent_stats(z: torch.Tensor) -> dict:
-    """Per-channel shift/scale of latents ``z`` (N, C, d, h, w)."""
-    zc = z.transpose(0, 1).reshape(z.shape[1], -1).double()
-    mean, std = zc.mean(1), zc.std(1).clamp(min=1e-6)
-    # the largest |scaled latent| of the training set: the sampler clips its x0 estimates to it
-    abs_max = float(((zc - mean[:, None]) / std[:, None]).abs().max())
-    return {"method": "per-channel mean/std", "shift": mean.tolist(), "scale": std.tolist(), "scaled_abs_max": abs_max}
+class LatentScaler:
+    """Per-channel latent scaling: ``scale(z) = (z - shift) / scale``, ``unscale`` its inverse.
+
+    ``shift`` / ``scale``: ``(C,)`` (or scalars, for a run saved that way), kept in float64 exactly as fitted or
+    read from ``latent_stats.json`` and cast to the latent's dtype when applied (float32 latents get the float32
+    rounding of those values, which is what training and sampling always used). ``scaled_abs_max``: the largest
+    ``|scaled latent|`` of the training set, the sampler's x0 clip (None: a run saved without it samples unclipped).
+    """
+
+    METHOD = "per-channel mean/std"
+
+    def __init__(self, shift, scale, *, scaled_abs_max: float | None = None, method: str = METHOD):
+        self.shift = torch.as_tensor(shift, dtype=torch.float64)
+        self.scale_factor = torch.as_tensor(scale, dtype=torch.float64)
+        if self.shift.shape != self.scale_factor.shape or self.shift.ndim > 1:
+            raise ValueError(f"latent shift and scale must be two equal-length lists (one value per channel), got shapes "
+                             f"{tuple(self.shift.shape)} and {tuple(self.scale_factor.shape)}")
+        if not bool(torch.isfinite(self.shift).all()) or not bool((self.scale_factor > 0).all()):
+            raise ValueError("latent shift must be finite and scale > 0")
+        self.scaled_abs_max = None if scaled_abs_max is None else float(scaled_abs_max)
+        self.method = method
+        self._cast: dict = {}  # (which, device, dtype) -> the statistics shaped for a (B, C, ...) latent
+
+    @classmethod
+    def fit(cls, z: torch.Tensor) -> "LatentScaler":
+        """Per-channel mean and standard deviation (clamped at 1e-6) of latents ``z`` ``(N, C, d, h, w)``, in float64."""
+        if z.ndim != 5:
+            raise ValueError(f"latents must be (N, C, d, h, w), got shape {tuple(z.shape)}")
+        zc = z.transpose(0, 1).reshape(z.shape[1], -1).double()
+        mean, std = zc.mean(1), zc.std(1).clamp(min=1e-6)
+        abs_max = float(((zc - mean[:, None]) / std[:, None]).abs().max())
+        return cls(mean, std, scaled_abs_max=abs_max)
+
+    def _view(self, which: str, z: torch.Tensor) -> torch.Tensor:
+        key = (which, z.device, z.dtype, z.ndim)
+        if key not in self._cast:
+            t = getattr(self, which).to(device=z.device, dtype=z.dtype)
+            self._cast[key] = t.view(1, -1, *([1] * (z.ndim - 2))) if t.ndim == 1 else t
+        return self._cast[key]
+
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """``(z - shift) / scale`` over the channel axis (dim 1) of ``z`` ``(B, C, ...)``."""
+        return (z - self._view("shift", z)) / self._view("scale_factor", z)
+
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """``z * scale + shift``: scaled latents back to the VQ-GAN's latent space."""
+        return z * self._view("scale_factor", z) + self._view("shift", z)
+
+    def to(self, device: str | torch.device) -> "LatentScaler":
+        """Move the statistics to ``device`` (in place); returns self."""
+        self.shift, self.scale_factor = self.shift.to(device), self.scale_factor.to(device)
+        self._cast.clear()
+        return self
+
+    def to_dict(self) -> dict:
+        """The ``latent_stats.json`` keys of the scaling: ``method``, ``shift``, ``scale``, ``scaled_abs_max``."""
+        return {"method": self.method, "shift": self.shift.cpu().tolist(), "scale": self.scale_factor.cpu().tolist(),
+                "scaled_abs_max": self.scaled_abs_max}
+
+    @classmethod
+    def from_dict(cls, stats: dict, *, source: str = "latent stats") -> "LatentScaler":
+        """The scaler of a ``latent_stats.json`` mapping (other keys, e.g. ``latent_shape``, are ignored)."""
+        missing = [k for k in ("shift", "scale") if k not in stats]
+        if missing:
+            raise ValueError(f"{source}: missing {missing} (the latent scaling written by `lad train diffusion`)")
+        return cls(stats["shift"], stats["scale"], scaled_abs_max=stats.get("scaled_abs_max"),
+                   method=stats.get("method", cls.METHOD))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LatentScaler):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"LatentScaler(channels={self.shift.numel()}, scaled_abs_max={self.scaled_abs_max})"
+

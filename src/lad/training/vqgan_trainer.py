@@ -62,12 +62,12 @@ def lr_at(step: int, t) -> float:
     return t.lr * 0.5 * (1 + math.cos(math.pi * min(step - t.lr_warmup, span) / span))
 
 
-def open_training_data(data: str | Path, cfg: TrainConfig):
+def open_training_data(data: str | Path, cfg: TrainConfig, *, progress_bar: bool = True):
     """The training split of prepared dataset ``data``, validated (shapes, labels, compression)."""
     from lad.data.dataset import PreparedDataset
 
     ds = PreparedDataset(data, split="train")
-    validate_dataset(ds, tuple(cfg.vqgan.downsample))
+    validate_dataset(ds, tuple(cfg.vqgan.downsample), progress_bar=progress_bar)
     return ds
 
 
@@ -106,7 +106,7 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     run = Path(run)
     dev = init_distributed(resolve_device(device))  # torchrun: process group; cuda -> cuda:LOCAL_RANK
     check_global_batch(cfg.vqgan_train.batch_size, "vqgan_train.batch_size")
-    ds = open_training_data(data, cfg)
+    ds = open_training_data(data, cfg, progress_bar=progress_bar)
     if cfg.precision == "fp16" and dev.type != "cuda":
         raise ValueError("precision fp16 needs CUDA; use fp32 (or bf16, slow on CPU) with --device cpu")
     if resume:

@@ -1,8 +1,9 @@
 """Library logger and progress bars.
 
 Library code never prints: it logs through ``get_logger`` and shows progress through ``progress``,
-which is silent off the main process (``RANK`` != 0) or when progress is disabled (``--no-progress``
-sets ``LAD_NO_PROGRESS=1``).
+which is silent off the main process (``RANK`` != 0) or when its caller passes ``disable=True``. Whether
+bars show is an explicit argument of every long-running function (``progress_bar: bool = True``), which
+the command line sets from ``--no-progress``; no global switch or environment variable decides it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 T = TypeVar("T")
 
-__all__ = ["get_logger", "progress", "is_main_process", "configure_logging", "set_progress_enabled"]
+__all__ = ["get_logger", "progress", "is_main_process", "configure_logging"]
 
 _LOGGER_NAME = "lad"
 
@@ -43,12 +44,7 @@ def configure_logging(level: int | str = logging.INFO) -> None:
     logger.propagate = False
 
 
-def set_progress_enabled(enabled: bool) -> None:
-    """Switch progress bars on or off for this process (``--no-progress``)."""
-    os.environ["LAD_NO_PROGRESS"] = "0" if enabled else "1"
-
-
 def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", disable: bool = False, **kwargs) -> Iterator[T]:
-    """A tqdm progress bar that is disabled off the main process, with ``--no-progress`` or ``disable``."""
-    disable = disable or os.environ.get("LAD_NO_PROGRESS", "0") == "1" or not is_main_process()
-    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, **kwargs)
+    """A tqdm progress bar; ``disable`` (the caller's ``progress_bar=False``, ``--no-progress``) or a non-main
+    rank switches it off."""
+    return tqdm(iterable, total=total, desc=desc, disable=disable or not is_main_process(), dynamic_ncols=True, **kwargs)

@@ -177,12 +177,13 @@ class SlicePool:
 
 
 def build_slice_pool(scans: Iterable[Scan], source: str, *, size: int, min_size: int, sigma: float, scale: float = 1.0,
-                     threshold_hu: float = -500.0, min_body_fraction: float = 0.05) -> tuple[SlicePool, np.ndarray | None]:
+                     threshold_hu: float = -500.0, min_body_fraction: float = 0.05,
+                     progress_bar: bool = True) -> tuple[SlicePool, np.ndarray | None]:
     """Slices of ``scans`` at ``size`` x ``size`` with their superpixels; slices with less than
     ``min_body_fraction`` body are dropped. Returns the pool and the organ labels of its slices
     ((N, S, S) uint8, nearest-resized; None when the scans are unlabeled), used by setting 2."""
     images, sps, counts, organs, scan_of = [], [], [], [], []
-    for k, scan in enumerate(progress(scans, desc=f"superpixels ({source})", unit="scan")):
+    for k, scan in enumerate(progress(scans, desc=f"superpixels ({source})", unit="scan", disable=not progress_bar)):
         img = resize_volume(scan.image, size)
         lab, body = volume_superpixels(img, min_size=min_size, sigma=sigma, scale=scale, threshold_hu=threshold_hu)
         keep = body.mean(axis=(1, 2)) >= min_body_fraction

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from lad.downstream.ssl.data import SlicePool
 from lad.utils.seed import derive_seed
 
-__all__ = ["AugmentConfig", "draw_augmentation", "apply_augmentation", "make_episode_batch"]
+__all__ = ["EpisodeAugmentConfig", "draw_augmentation", "apply_augmentation", "make_episode_batch"]
 
 
 @dataclasses.dataclass
-class AugmentConfig:
+class EpisodeAugmentConfig:
     """Ranges of the random augmentation (Ouyang et al.'s abdominal settings by default)."""
 
     rotate_deg: float = 5.0
@@ -58,7 +58,7 @@ def _smooth(noise: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[0]
 
 
-def draw_augmentation(gen: torch.Generator, size: int, cfg: AugmentConfig) -> dict[str, torch.Tensor]:
+def draw_augmentation(gen: torch.Generator, size: int, cfg: EpisodeAugmentConfig) -> dict[str, torch.Tensor]:
     """Random parameters for one image of ``size`` x ``size``: ``theta`` (2, 3) affine in normalised
     coordinates, ``flow`` (H, W, 2) elastic displacement (normalised units), ``gamma``, ``contrast``, ``brightness``."""
     def u(lo: float, hi: float) -> float:
@@ -91,7 +91,7 @@ def apply_augmentation(image: torch.Tensor, mask: torch.Tensor, params: dict[str
 
 
 def make_episode_batch(pools: dict[str, SlicePool], *, batch_size: int, seed: int, step: int, synthetic_fraction: float,
-                       augment: AugmentConfig, min_pixels: int = 4, tries: int = 10) -> dict[str, torch.Tensor]:
+                       augment: EpisodeAugmentConfig, min_pixels: int = 4, tries: int = 10) -> dict[str, torch.Tensor]:
     """The ``batch_size`` self-supervised episodes of training step ``step`` (a pure function of its arguments).
 
     ``pools``: ``{"real": pool, "synthetic": pool}`` (either may be absent). Each episode picks a source

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lad.config import apply_overrides, load_preset, save_config, to_dict
+from lad.config import resolve_config, save_config, to_dict
 from lad.downstream.ssl.data import (TEST_ORGANS, Scan, SlicePool, build_slice_pool, iter_prepared_scans, organ_binary,
                                     prepared_scans)
-from lad.downstream.ssl.train import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from lad.downstream.ssl.train import DataConfig, EvalConfig, ModelConfig, SSLTrainConfig
 from lad.utils.atomic import atomic_path, write_json
 from lad.utils.log import get_logger
 from lad.utils.seed import derive_seed
@@ -43,7 +43,7 @@ RANDOM_INIT = "random init (no pretrained weights)"
 @dataclasses.dataclass
 class SSLExperimentConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    train: SSLTrainConfig = dataclasses.field(default_factory=SSLTrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     seed: int = 0
@@ -51,7 +51,7 @@ class SSLExperimentConfig:
 
 def load_ssl_config(preset: str = "demo", overrides: list[str] | None = None) -> SSLExperimentConfig:
     """Preset ``paper`` / ``demo`` / ``tiny`` (``src/lad/configs/downstream-ssl-*.yaml``) or a YAML path, plus ``--set``."""
-    cfg = apply_overrides(load_preset(SSLExperimentConfig, "downstream-ssl", preset), overrides)
+    cfg = resolve_config(SSLExperimentConfig, "downstream-ssl", preset, overrides=overrides)
     bad = [o for o in cfg.eval.organs if o not in TEST_ORGANS]
     if bad or not cfg.eval.organs:
         raise ValueError(f"eval.organs must be a non-empty subset of {list(TEST_ORGANS)}, got {list(cfg.eval.organs)}")
@@ -220,7 +220,7 @@ def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, trai
             synthetic_ratio: float | None = None, synthetic_episode_fraction: float | None = None,
             test_scans: str = "original", setting: int = 1, runs: int = 5, preset: str = "custom",
             backbone_weights: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", progress_bar: bool = True) -> dict:
     """Train SSL-ALPNet ``runs`` times (seeds ``cfg.seed + r``) on ``train`` data and evaluate 1-shot Dice on the
     labeled test scans of ``data``; writes ``OUT/results.json`` and ``OUT/dice.png`` and returns the results.
 
@@ -267,7 +267,8 @@ def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, trai
                          "(prepare with a train/test split, e.g. split: 0.8)")
     supports = {o: _split_support(test, o, notes) for o in organs}
     sp = dict(size=cfg.data.image_size, min_size=cfg.data.superpixel_min_size, sigma=cfg.data.superpixel_sigma,
-              scale=cfg.data.superpixel_scale, threshold_hu=cfg.data.body_threshold_hu, min_body_fraction=cfg.data.min_body_fraction)
+              scale=cfg.data.superpixel_scale, threshold_hu=cfg.data.body_threshold_hu, min_body_fraction=cfg.data.min_body_fraction,
+              progress_bar=progress_bar)
     real_pool, real_labels, n_real_windows = None, None, 0
     if train in ("real", "real+synthetic"):
         n_real_windows = len(PreparedDataset(data, split="train", organ_labels=False))
@@ -316,7 +317,7 @@ def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, trai
 
     sweep = len(sizes) > 1
     common = dict(cfg=cfg, organs=organs, setting=setting, runs=runs, supports=supports, real_labels=real_labels,
-                  backbone_weights=backbone_weights, resume=resume, device=device)
+                  backbone_weights=backbone_weights, resume=resume, device=device, progress_bar=progress_bar)
     per_size = []
     for plan in plans:
         sub = out / f"synthetic_{plan['synthetic_volumes']:05d}" if sweep else out
@@ -356,7 +357,8 @@ def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, trai
 
 
 def _train_and_evaluate(out: Path, pools: dict[str, SlicePool], fraction: float, *, cfg: SSLExperimentConfig, organs: list[str],
-                        setting: int, runs: int, supports: dict, real_labels, backbone_weights, resume: bool, device: str) -> list[dict]:
+                        setting: int, runs: int, supports: dict, real_labels, backbone_weights, resume: bool, device: str,
+                        progress_bar: bool = True) -> list[dict]:
     """``runs`` seeds of one training set into ``out/run_XXX`` (finished runs, ``dice.json``, are read back)."""
     import torch
 
@@ -386,7 +388,7 @@ def _train_and_evaluate(out: Path, pools: dict[str, SlicePool], fraction: float,
                 torch.manual_seed(derive_seed(seed, "ssl-global"))
                 model = train_alpnet(run_pools, mdir, model_cfg=cfg.model, train_cfg=cfg.train, data_cfg=cfg.data, seed=seed,
                                      synthetic_fraction=fraction, device=dev, backbone_weights=backbone_weights,
-                                     resume=resume)
+                                     resume=resume, progress_bar=progress_bar)
             predictor = alpnet_predictor(model, dev, cfg.eval.batch_size)
             for o in group:
                 support, queries = supports[o]

@@ -14,11 +14,11 @@ import torch
 
 from lad.downstream.ssl.alpnet import ALPNet, alpnet_loss
 from lad.downstream.ssl.data import SlicePool
-from lad.downstream.ssl.episodes import AugmentConfig, make_episode_batch
+from lad.downstream.ssl.episodes import EpisodeAugmentConfig, make_episode_batch
 from lad.utils.log import get_logger, progress
 from lad.utils.seed import derive_seed
 
-__all__ = ["ModelConfig", "TrainConfig", "DataConfig", "EvalConfig", "build_model", "train_alpnet", "learning_rate"]
+__all__ = ["ModelConfig", "SSLTrainConfig", "DataConfig", "EvalConfig", "build_model", "train_alpnet", "learning_rate"]
 
 log = get_logger(__name__)
 
@@ -39,7 +39,7 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class SSLTrainConfig:
     """SGD (Ouyang et al.): lr 1e-3, momentum 0.9, weight decay 5e-4, x0.95 every 1000 iterations, batch 1."""
 
     iterations: int = 100000
@@ -67,7 +67,7 @@ class DataConfig:
     superpixel_scale: float = 1.0
     body_threshold_hu: float = -500.0
     min_body_fraction: float = 0.05
-    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    augment: EpisodeAugmentConfig = dataclasses.field(default_factory=EpisodeAugmentConfig)
 
 
 @dataclasses.dataclass
@@ -83,14 +83,15 @@ def build_model(cfg: ModelConfig) -> ALPNet:
     return ALPNet(**dataclasses.asdict(cfg))
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
+def learning_rate(cfg: SSLTrainConfig, step: int) -> float:
     """The paper's step decay: ``lr * lr_gamma ** (step // lr_step)``."""
     return cfg.lr * cfg.lr_gamma ** (step // cfg.lr_step)
 
 
-def train_alpnet(pools: dict[str, SlicePool], run: str | Path, *, model_cfg: ModelConfig, train_cfg: TrainConfig,
+def train_alpnet(pools: dict[str, SlicePool], run: str | Path, *, model_cfg: ModelConfig, train_cfg: SSLTrainConfig,
                  data_cfg: DataConfig, seed: int, synthetic_fraction: float = 0.0, device: str | torch.device = "cpu",
-                 backbone_weights: str | Path | None = None, resume: bool = False, stop_after: int | None = None) -> ALPNet:
+                 backbone_weights: str | Path | None = None, resume: bool = False, stop_after: int | None = None,
+                 progress_bar: bool = True) -> ALPNet:
     """Train one ALPNet in ``run`` (``checkpoints/``, ``tb/``, ``train_log.jsonl``, ``model/`` when finished).
 
     ``resume``: continue from the newest checkpoint in ``run/checkpoints``; ``stop_after``: stop after that many
@@ -118,7 +119,7 @@ def train_alpnet(pools: dict[str, SlicePool], run: str | Path, *, model_cfg: Mod
     end = train_cfg.iterations if stop_after is None else min(train_cfg.iterations, start + stop_after)
     logger = Logger(run / "tb", jsonl=run / "train_log.jsonl")
     model.train()
-    bar = progress(range(start, end), total=end - start, desc=f"ALPNet {run.name}", unit="it")
+    bar = progress(range(start, end), total=end - start, desc=f"ALPNet {run.name}", unit="it", disable=not progress_bar)
     try:
         for step in bar:
             lr = learning_rate(train_cfg, step)

@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lad.config import apply_overrides, load_preset, save_config, to_dict
+from lad.config import resolve_config, save_config, to_dict
 from lad.priors.train import train_transforms
 from lad.utils.atomic import write_json
 from lad.utils.log import get_logger, progress
@@ -96,7 +96,7 @@ class SupervisedConfig:
 
 def load_supervised_config(preset: str, overrides: list[str] | None = None) -> SupervisedConfig:
     """Preset ``paper`` | ``demo`` | ``tiny`` (or a YAML path) with ``--set`` overrides."""
-    return apply_overrides(load_preset(SupervisedConfig, "downstream-supervised", preset), overrides)
+    return resolve_config(SupervisedConfig, "downstream-supervised", preset, overrides=overrides)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -108,7 +108,7 @@ def _lr_at(cfg: SupervisedConfig, step: int) -> float:
 
 
 def train_model(items, folder: Path, cfg: SupervisedConfig, *, spacing, window_shape, device: torch.device,
-                resume: bool, desc: str, stop_after: int | None = None):
+                resume: bool, desc: str, stop_after: int | None = None, progress_bar: bool = True):
     """Train a ``Segmenter`` (3 classes) on ``items`` (``SegItem``); checkpoints in ``folder/checkpoints``.
 
     Returns the model, or None when ``stop_after`` ended the run early (tests use it to simulate a kill).
@@ -147,7 +147,7 @@ def train_model(items, folder: Path, cfg: SupervisedConfig, *, spacing, window_s
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     tb = Logger(folder / "tb", enabled=True, jsonl=folder / "train_log.jsonl")
     model.train()
-    bar = progress(range(start, end), total=end - start, desc=desc, unit="step")
+    bar = progress(range(start, end), total=end - start, desc=desc, unit="step", disable=not progress_bar)
     for step in bar:
         seed_step(cfg.seed, step, "supervised")
         tf.set_random_state(seed=int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0] % (2**31)))
@@ -183,14 +183,15 @@ def train_model(items, folder: Path, cfg: SupervisedConfig, *, spacing, window_s
 
 
 @torch.no_grad()
-def evaluate_model(model, patients, cfg: SupervisedConfig, device: torch.device, desc: str = "evaluate") -> dict:
+def evaluate_model(model, patients, cfg: SupervisedConfig, device: torch.device, desc: str = "evaluate", *,
+                   progress_bar: bool = True) -> dict:
     """Sliding-window prediction (overlap ``cfg.sw_overlap``) of each stitched test patient; per-patient and aggregated metrics."""
     from lad.downstream.supervised.data import apply_hu_window
     from lad.downstream.supervised.metrics import aggregate, patient_metrics
 
     model.eval()
     per = []
-    for p in progress(patients, desc=desc, unit="patient"):
+    for p in progress(patients, desc=desc, unit="patient", disable=not progress_bar):
         x = torch.from_numpy(apply_hu_window(p.hu, cfg.hu_window)[None, None]).to(device)
         pred = model.predict(x, overlap=cfg.sw_overlap, sw_batch_size=cfg.sw_batch_size)[0].cpu().numpy()
         pred[p.gap_slices] = 0
@@ -248,7 +249,7 @@ def _check_settings(out: Path, settings: dict, resume: bool) -> None:
                              "--data/--synthetic/--synthetic-multiple/--synthetic-volumes/--ood-test/--preset/--set or use a new --out")
 
 
-def _load_ood(ood_test, data: Path, train, spacing) -> tuple[Path, list]:
+def _load_ood(ood_test, data: Path, train, spacing, progress_bar: bool = True) -> tuple[Path, list]:
     """The out-of-distribution test set: every patient of another prepared dataset, stitched; it must be on the
     training grid's spacing with the same organ of interest (the model segments at the training resolution)."""
     from lad.data.dataset import PreparedDataset
@@ -262,7 +263,7 @@ def _load_ood(ood_test, data: Path, train, spacing) -> tuple[Path, list]:
     ds = PreparedDataset(ood, split=None, organ_labels=False)
     if len(ds) == 0:
         raise ValueError(f"--ood-test {ood}: the prepared dataset has no windows")
-    validate_dataset(ds)
+    validate_dataset(ds, progress_bar=progress_bar)
     sp = axis_spacing(ds.windows[0]["affine"])
     if not np.allclose(sp, spacing, rtol=1e-3, atol=1e-3):
         raise ValueError(f"--ood-test {ood}: windows at {tuple(round(v, 4) for v in sp)} mm (D, H, W), but the training data "
@@ -286,7 +287,7 @@ def _arms(synthetic, volumes: list[int] | None) -> list[tuple[str, int | None]]:
 def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, synthetic: str | Path | None = None,
                    synthetic_multiple: float | None = None, synthetic_volumes: str | Sequence[int] | None = None,
                    real_sizes: Sequence[int] | str = (2, 4, 8), ood_test: str | Path | None = None, preset: str = "custom",
-                   device: str = "cpu", resume: bool = False, overwrite: bool = False) -> dict:
+                   device: str = "cpu", resume: bool = False, overwrite: bool = False, progress_bar: bool = True) -> dict:
     """Run the experiment into ``out`` (see the module docstring); returns the ``results.json`` content.
 
     ``synthetic_multiple``: synthetic volumes per real training window (default: ``cfg.synthetic_multiple``, 3);
@@ -317,8 +318,8 @@ def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, 
                          "split < 1.0 with `lad prepare`")
     if len(test) == 0:
         raise ValueError(f"{data}: the test split has no windows; prepare with a split < 1.0 so test patients exist")
-    validate_dataset(train)
-    validate_dataset(test)
+    validate_dataset(train, progress_bar=progress_bar)
+    validate_dataset(test, progress_bar=progress_bar)
     order = order_patients(train, cfg.seed)
     if sizes[-1] > len(order):
         raise ValueError(f"--real-sizes {sizes}: the training split of {data} has only {len(order)} patients")
@@ -333,7 +334,7 @@ def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, 
     if samples and not _pick_synthetic(samples, [], test_ids, window_patient, data, len(samples), cfg.seed)[0]:
         raise ValueError(f"{synthetic}: every synthetic sample is conditioned on a test patient's mask of {data}; "
                          "training on them would leak test labels (sample from the training split's masks)")
-    ood_path, ood_patients = (None, []) if ood_test is None else _load_ood(ood_test, data, train, spacing)
+    ood_path, ood_patients = (None, []) if ood_test is None else _load_ood(ood_test, data, train, spacing, progress_bar)
     arms = _arms(synthetic, volumes)
     if synthetic is None:
         log.info("no --synthetic folder: training the real-only arm only")
@@ -381,17 +382,17 @@ def run_supervised(data: str | Path, out: str | Path, cfg: SupervisedConfig, *, 
                                               "synthetic": used_syn, "note": note})
             t0, c0 = time.perf_counter(), time.process_time()
             model = train_model(items, folder, cfg, spacing=spacing, window_shape=train.shape, device=dev, resume=resume,
-                                desc=name)
+                                desc=name, progress_bar=progress_bar)
             train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
             model.save_pretrained(folder / "model", extra={"trained_steps": cfg.steps, "hu_window": list(cfg.hu_window),
                                                            "labels": {"background": 0, "organ": 1, "tumor": 2},
                                                            "arm": arm, "real_patients": n})
-            ev = evaluate_model(model, patients, cfg, dev, desc=f"{name} test")
+            ev = evaluate_model(model, patients, cfg, dev, desc=f"{name} test", progress_bar=progress_bar)
             rec = {**{k: v for k, v in record.items() if k not in ("real_patients", "arm")}, "metrics": ev["summary"],
                    "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1)}
             extra = {}
             if ood_patients:
-                ev_ood = evaluate_model(model, ood_patients, cfg, dev, desc=f"{name} ood test")
+                ev_ood = evaluate_model(model, ood_patients, cfg, dev, desc=f"{name} ood test", progress_bar=progress_bar)
                 rec["metrics_ood"] = ev_ood["summary"]
                 extra["patients_ood"] = ev_ood["patients"]
             _log_final(folder, ev["summary"], cfg.steps, ood=rec.get("metrics_ood"))
