@@ -282,6 +282,29 @@ class LadPipeline:
         factors = tuple(s // l for s, l in zip(self.image_shape, self.latent_shape[1:]))
         return spatial_condition(masks.to(self.device), factors)
 
+    # small public pieces for loops other than ``__call__`` (latent inpainting, lad.sampling.inpaint)
+    @property
+    def latent_factors(self) -> tuple[int, int, int]:
+        """The VQ-GAN's down-sampling per axis ``(D/d, H/h, W/w)``."""
+        return tuple(s // l for s, l in zip(self.image_shape, self.latent_shape[1:]))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, D, H, W)`` float in [0, 1] -> the scaled latent ``(B, C, d, h, w)`` the denoiser works on
+        (the VQ-GAN's pre-quantisation latent, scaled as in training; ``decode`` inverts it)."""
+        view = (1, -1, 1, 1, 1) if self._shift.ndim == 1 else (1,)
+        z = self.vqgan.encode(images.to(self.device, torch.float32))
+        return (z - self._shift.view(*view)) / self._scale.view(*view)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent ``(B, C, d, h, w)`` -> ``(B, 1, D, H, W)`` float32 in [0, 1], as ``__call__`` decodes."""
+        return self.vqgan.decode_latent(self._unscale(z)).clamp(0.0, 1.0)
+
+    def make_scheduler(self, sampler: str):
+        """The sampling scheduler of kind ``sampler`` with the run's schedule and x0 clipping (as ``__call__``)."""
+        return self._make_scheduler(sampler)
+
     @torch.no_grad()
     def __call__(
         self,
