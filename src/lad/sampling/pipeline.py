@@ -279,8 +279,7 @@ class LadPipeline:
             return None
         from lad.models.condition import spatial_condition
 
-        factors = tuple(s // l for s, l in zip(self.image_shape, self.latent_shape[1:]))
-        return spatial_condition(masks.to(self.device), factors)
+        return spatial_condition(masks.to(self.device), self.latent_factors)
 
     # small public pieces for loops other than ``__call__`` (latent inpainting, lad.sampling.inpaint)
     @property
@@ -292,9 +291,7 @@ class LadPipeline:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, D, H, W)`` float in [0, 1] -> the scaled latent ``(B, C, d, h, w)`` the denoiser works on
         (the VQ-GAN's pre-quantisation latent, scaled as in training; ``decode`` inverts it)."""
-        view = (1, -1, 1, 1, 1) if self._shift.ndim == 1 else (1,)
-        z = self.vqgan.encode(images.to(self.device, torch.float32))
-        return (z - self._shift.view(*view)) / self._scale.view(*view)
+        return self.scaler.scale(self.vqgan.encode(images.to(self.device, torch.float32)))
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
