@@ -352,9 +352,8 @@ class LadPipeline:
         cfg = dict(self.scheduler.config)
         # Clip each x0 estimate to the training latents' range (diffusers' clip_sample). With the release's
         # cosine schedule alpha_bar(T-1) = 2.7e-8, so the first step's x0 = (z - sqrt(1 - a) eps) / sqrt(a)
-        # multiplies the epsilon error by ~6000: without the clip, a demo model trained for 1200 steps
-        # (loss 0.15) produced no body outline from pure noise, while noising a real latent to t = 150 and
-        # denoising it back was faithful (measured 2026-12-02, docs/sampling.md). Rectified flow has no such
+        # multiplies the epsilon error by ~6000: without the clip a short-trained demo model produced no body
+        # outline from pure noise (docs/sampling.md has the measurement). Rectified flow has no such
         # amplification (its step adds the velocity times ds <= 1) and no clip.
         abs_max = self.latent_stats.get("scaled_abs_max")
         if abs_max is not None and not cfg.get("clip_sample") and cfg.get("prediction_type") != RECTIFIED_FLOW:
