@@ -109,18 +109,18 @@ def test_tumour_placement_stays_in_the_organ_and_replays():
 # ------------------------------------------------------------------------------------------------ the sampler
 
 
-def test_latent_outside_the_region_is_the_noised_real_latent_at_every_step(tiny_run, tiny_prepared):
-    """Denoiser replaced by a known prediction (0.1 z): before every call the outside equals
-    ``add_noise(real latent, known-noise draw i, t_i)``; the inside at call 0 is the sample's initial noise and
-    afterwards the scheduler's step from the previous call; the result's outside is the real latent itself."""
+def _check_known_region(run, prepared, cases):
+    """Denoiser replaced by a known prediction (0.1 z) and ``cases`` = [(sampler, steps, jump, resample, calls)]:
+    before every call the outside equals ``scheduler.add_noise(real latent, known-noise draw i, t_i)``; the inside
+    at call 0 is the sample's initial noise and, without jumps back, afterwards the scheduler's step from the
+    previous call (eq. 4 with a prediction linear in z is 0.1 z for any w); the result's outside is the real latent."""
     from lad.data.dataset import PreparedDataset
     from lad.data.labels import hu_to_unit
     from lad.sampling.inpaint import inpaint_latents
     from lad.sampling.pipeline import LadPipeline
 
-    pipe = LadPipeline.from_run(tiny_run)
-    ds = PreparedDataset(tiny_prepared)
-    r = ds.get_arrays(0, organs=False)
+    pipe = LadPipeline.from_pretrained(run)
+    r = PreparedDataset(prepared).get_arrays(0, organs=False)
     known = pipe.encode(torch.as_tensor(hu_to_unit(r["hu"]))[None, None])
     region = torch.zeros((1, 1, *pipe.latent_shape[1:]), dtype=torch.bool)
     region[0, 0, 1, 2:5, 3:6] = True
@@ -132,27 +132,68 @@ def test_latent_outside_the_region_is_the_noised_real_latent_at_every_step(tiny_
         return 0.1 * z
 
     pipe.denoiser = fake
-    for jump, resample, calls in ((1, 1, 4), (2, 2, 6)):
+    outside, inside = ~region.expand_as(known), region.expand_as(known)
+    for sampler, steps, jump, resample, calls in cases:
         seen.clear()
-        out = inpaint_latents(pipe, known, region, masks, seeds=[11], guidance=1.0, sampler="ddim", steps=4,
+        out = inpaint_latents(pipe, known, region, masks, seeds=[11], guidance=1.0, sampler=sampler, steps=steps,
                               jump=jump, resample=resample)
         assert len(seen) == calls
-        sched = pipe.make_scheduler("ddim")
-        sched.set_timesteps(4)
+        sched = pipe.make_scheduler(sampler)
+        sched.set_timesteps(steps)
         g = torch.Generator().manual_seed(known_noise_seed(11))
-        outside = ~region.expand_as(known)
         for i, (z, t) in enumerate(seen):
             expect = sched.add_noise(known, torch.randn(pipe.latent_shape, generator=g)[None], t)
-            assert torch.equal(z[outside], expect[outside]), f"call {i} at t = {t}"
-        inside = region.expand_as(known)
+            assert torch.equal(z[outside], expect[outside]), f"{sampler}: call {i} at t = {t}"
         z0 = torch.randn(pipe.latent_shape, generator=torch.Generator().manual_seed(11))[None]
         assert torch.equal(seen[0][0][inside], z0[inside])
-        if resample == 1:  # no jumps back: each call's inside is the DDIM step (eps = 0.1 z under any guidance) of the last
+        if resample == 1 and sampler != "ddpm":  # deterministic steps (DDPM draws from the sample's generator)
             for (z, t), (z_next, _) in zip(seen[:-1], seen[1:]):
                 step = sched.step(0.1 * z, torch.tensor(t), z)
                 assert torch.allclose(z_next[inside], step[inside], atol=1e-6)
         assert torch.equal(out[outside], known[outside])
         assert not torch.equal(out[inside], known[inside])
+
+
+def test_latent_outside_the_region_is_the_noised_real_latent_at_every_step(tiny_run, tiny_prepared):
+    _check_known_region(tiny_run, tiny_prepared, [("ddim", 4, 1, 1, 4), ("ddim", 4, 2, 2, 6), ("ddpm", 5, 1, 1, 5)])
+
+
+@pytest.fixture(scope="module")
+def rf_run(handmade_prepared, handmade_run, tmp_path_factory):
+    """The hand-made run's VQ-GAN with a rectified-flow diffusion model (2 training steps; samples with Euler)."""
+    from lad.training.config import resolve_train_config
+    from lad.training.diffusion_trainer import train_diffusion
+
+    run = tmp_path_factory.mktemp("rf") / "run"
+    run.mkdir(parents=True)
+    shutil.copytree(handmade_run / "vqgan", run / "vqgan")
+    cfg = resolve_train_config("tiny", ["diffusion_train.steps=2", "logging.image_every=2", "logging.checkpoint_every=2",
+                                        "diffusion_train.prediction=rectified_flow", "sampling.sampler=euler", "sampling.steps=5"])
+    train_diffusion(handmade_prepared, run, cfg, progress_bar=False)
+    return run
+
+
+def test_rectified_flow_runs_inpaint_with_euler_and_multistep_samplers_are_refused(rf_run, handmade_prepared, tiny_run,
+                                                                                    tiny_prepared, tmp_path):
+    _check_known_region(rf_run, handmade_prepared, [("euler", 5, 1, 1, 5)])
+    out = tmp_path / "rf"
+    generate_inpainted(rf_run, handmade_prepared, out, InpaintSettings(n=1, cases="all"), progress_bar=False)
+    rec = _records(out)[0]
+    assert (rec["sampler"], rec["steps"]) == ("euler", 5)  # the run's sampling defaults
+    ct, label = _read(out, rec)
+    source = CTSource(handmade_prepared, shape=ct.shape)
+    case = source[source.ids.index(rec["source_id"])]
+    tumour, expect_label, _ = place_tumour(case, InpaintSettings(cases="all"),
+                                           np.random.default_rng(derive_seed(rec["seed"], "tumour")), source, [])
+    w = blend_weights(tumour, 2)
+    assert np.array_equal(label, expect_label) and np.array_equal(ct[w == 0], case.hu[w == 0])
+    with pytest.raises(ValueError, match="--resample > 1 needs a DDPM-trained run"):
+        generate_inpainted(rf_run, handmade_prepared, tmp_path / "x", InpaintSettings(n=1, cases="all", resample=2))
+    with pytest.raises(ValueError, match="--sampler must be one of ddpm, ddim, euler with --inpaint"):
+        generate_inpainted(tiny_run, tiny_prepared, tmp_path / "y", InpaintSettings(n=1, sampler="dpmpp2m", steps=4))
+    with pytest.raises(ValueError, match="'euler' integrates a rectified-flow model"):
+        generate_inpainted(tiny_run, tiny_prepared, tmp_path / "z", InpaintSettings(n=1, sampler="euler", steps=4))
+    assert not any((tmp_path / d).exists() for d in "xyz")
 
 
 def test_outputs_equal_the_input_outside_the_margin_and_labels_are_the_placed_tumours(inpainted, tiny_prepared):

@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_inpaint(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.sampling.inpaint import InpaintSettings, generate_inpainted
 
     if args.quality_check:
@@ -107,7 +108,7 @@ def _run_inpaint(args: argparse.Namespace) -> int:
         sampler=args.sampler, steps=args.steps, seed=args.seed, format=args.format,
     )
     summary = generate_inpainted(args.run, args.inpaint, args.out, settings, shard=args.shard, batch_size=args.batch_size,
-                                 device=args.device, overwrite=args.overwrite)
+                                 device=args.device, overwrite=args.overwrite, progress_bar=progress_bar(args))
     if args.preview:
         from lad.sampling.preview import write_preview
 

@@ -41,7 +41,7 @@ import torch
 from lad.utils.log import get_logger, progress
 from lad.utils.seed import derive_seed
 
-__all__ = ["InpaintSettings", "TUMOUR_SIZES_MM", "CTCase", "CTSource", "ellipsoid_tumour", "real_tumour",
+__all__ = ["InpaintSettings", "TUMOUR_SIZES_MM", "INPAINT_SAMPLERS", "CTCase", "CTSource", "ellipsoid_tumour", "real_tumour",
            "place_tumour", "blend_weights", "latent_region", "repaint_schedule", "known_noise_seed", "inpaint_latents",
            "inpaint_volumes", "generate_inpainted"]
 
@@ -52,6 +52,7 @@ log = get_logger(__name__)
 # ~1 mm grid, here in mm so that a size class means the same on any spacing.
 TUMOUR_SIZES_MM: dict[str, float] = {"tiny": 4.0, "small": 8.0, "medium": 16.0, "large": 32.0}
 TUMOUR_SOURCES = ("ellipsoid", "real")
+INPAINT_SAMPLERS = ("ddpm", "ddim", "euler")
 CASE_CHOICES = ("healthy", "all")
 _PAIR_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _IMAGE_TAGS = ("_image", "_ct")
@@ -84,7 +85,8 @@ class InpaintSettings:
     guidance: float | None = None
     """w of eq. (4); None: the run's ``sampling.guidance``."""
     sampler: str | None = None
-    """"ddpm" | "ddim"; None: the run's ``sampling.sampler``."""
+    """"ddpm" | "ddim" (DDPM-trained runs) or "euler" (rectified-flow runs): one-step samplers, whose latent can be
+    replaced between steps (not the multistep "dpmpp2m"); None: the run's ``sampling.sampler``."""
     steps: int | None = None
     """Sampling timesteps; None: the run's ``sampling.steps``."""
     seed: int = 0
@@ -400,6 +402,9 @@ def inpaint_latents(pipe, known: torch.Tensor, region: torch.Tensor, masks: torc
     if len(seeds) != known.shape[0] or masks.shape[0] != known.shape[0] or region.shape[0] != known.shape[0]:
         raise ValueError(f"need one seed, mask and region per latent: {len(seeds)} seeds, {masks.shape[0]} masks, "
                          f"{region.shape[0]} regions for {known.shape[0]} latents")
+    if sampler not in INPAINT_SAMPLERS:
+        raise ValueError(f"--sampler {sampler!r} cannot inpaint: the latent is replaced between steps, which needs a one-step "
+                         f"sampler ({', '.join(INPAINT_SAMPLERS)}); the multistep solver's history would not match it")
     dev = pipe.device
     scheduler = pipe.make_scheduler(sampler)
     scheduler.set_timesteps(steps)
@@ -407,8 +412,13 @@ def inpaint_latents(pipe, known: torch.Tensor, region: torch.Tensor, masks: torc
     n = len(ts)
     if resample > 1 and jump >= n:
         raise ValueError(f"--jump {jump} must be smaller than the {n} sampling steps for RePaint resampling")
-    abar = scheduler.alphas_cumprod.double()
-    level = [1.0] + [float(abar[ts[n - p]]) for p in range(1, n + 1)]  # alpha_bar at p steps left (p = 0: clean)
+    if resample > 1 and not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError(f"--resample {resample}: RePaint's jump back noises with the DDPM schedule (alpha_bar); the "
+                         f"{sampler} sampler of this run has none: use --resample 1")
+    level = [1.0]  # alpha_bar at p steps left (p = 0: clean), for the jumps back
+    if resample > 1:
+        abar = scheduler.alphas_cumprod.double()
+        level += [float(abar[ts[n - p]]) for p in range(1, n + 1)]
     gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     known_gens = [torch.Generator(device=dev).manual_seed(known_noise_seed(s)) for s in seeds]
     known, region = known.to(dev), region.to(dev)
@@ -417,7 +427,7 @@ def inpaint_latents(pipe, known: torch.Tensor, region: torch.Tensor, masks: torc
     z = torch.stack([torch.randn(pipe.latent_shape, generator=g, device=dev) for g in gens])
     path = repaint_schedule(n, jump, resample)
     calls = 0
-    bar = progress(total=len(path) - 1, desc="inpainting", leave=False, disable=not show_progress)
+    bar = progress(total=len(path) - 1, desc="denoising", leave=False, disable=not show_progress)
     for p, q in zip(path[:-1], path[1:]):
         if q < p:  # one denoising step from p to p - 1 steps left, at timestep ts[n - p]
             t = ts[n - p]
@@ -527,12 +537,14 @@ def place_tumour(case: CTCase, settings: InpaintSettings, rng: np.random.Generat
 
 def generate_inpainted(run: str | Path, ct_dir: str | Path, out: str | Path, settings: InpaintSettings, *,
                        shard: str | None = None, batch_size: int = 1, device: str = "cpu", overwrite: bool = False,
-                       stop_after: int | None = None) -> dict[str, Any]:
+                       stop_after: int | None = None, progress_bar: bool = True) -> dict[str, Any]:
     """Write ``settings.n`` CT windows of ``ct_dir`` with a synthetic tumour each into the sample folder ``out``
-    (this process's shard; ``stop_after``, for tests, stops after that many new samples). Returns a summary."""
+    (this process's shard; ``stop_after``, for tests, stops after that many new samples). ``run``: a run folder or
+    an exported pipeline. ``progress_bar=False`` (``--no-progress``): no bar. Returns a summary."""
     from lad.sampling.generate import resolve_settings
     from lad.sampling.pipeline import LadPipeline
     from lad.sampling.writer import SampleFolder, parse_shard, shard_indices
+    from lad.schedulers import check_sampler
     from lad.utils import distributed as ddist
 
     settings = dataclasses.replace(settings, tumour_sizes=tuple(settings.tumour_sizes))
@@ -543,15 +555,20 @@ def generate_inpainted(run: str | Path, ct_dir: str | Path, out: str | Path, set
     if not Path(ct_dir).exists():  # before the run is loaded: the most likely mistake first
         raise FileNotFoundError(f"{ct_dir}: --inpaint CT folder does not exist")
     settings = resolve_settings(settings, run)
-    if settings.sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"--sampler must be ddpm or ddim, got {settings.sampler!r}")
+    if settings.sampler not in INPAINT_SAMPLERS:
+        raise ValueError(f"--sampler must be one of {', '.join(INPAINT_SAMPLERS)} with --inpaint (one-step samplers: the "
+                         f"latent is replaced between steps), got {settings.sampler!r}")
     if not math.isfinite(settings.guidance):
         raise ValueError(f"--guidance must be a finite number, got {settings.guidance}")
     if int(settings.steps) != settings.steps or settings.steps < 1:
         raise ValueError(f"--steps must be a whole number >= 1, got {settings.steps}")
     if settings.resample > 1 and settings.jump >= settings.steps:
         raise ValueError(f"--jump {settings.jump} must be smaller than --steps {settings.steps} for RePaint resampling")
-    pipe = LadPipeline.from_run(run, device=str(ddist.local_device(device)))
+    pipe = LadPipeline.from_pretrained(run, device=str(ddist.local_device(device)))
+    check_sampler(pipe.scheduler.config["prediction_type"], settings.sampler)  # euler for rectified flow, else ddpm/ddim
+    if settings.resample > 1 and settings.sampler == "euler":
+        raise ValueError("--resample > 1 needs a DDPM-trained run (RePaint's jump back noises with its alpha_bar); "
+                         "this run samples with euler (rectified flow): use --resample 1")
     max_steps = int(pipe.scheduler.config["num_train_timesteps"])
     if settings.steps > max_steps:
         raise ValueError(f"--steps {settings.steps}: the model was trained with {max_steps} timesteps, so at most "
@@ -570,7 +587,7 @@ def generate_inpainted(run: str | Path, ct_dir: str | Path, out: str | Path, set
         if stop_after is not None:
             todo = todo[:stop_after]
         t0, done = time.perf_counter(), 0
-        bar = progress(total=len(todo), desc="inpainting", unit="vol")
+        bar = progress(total=len(todo), desc="inpainting", unit="vol", disable=not progress_bar)
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             seeds = [derive_seed(settings.seed, j) for j in batch]
