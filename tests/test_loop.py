@@ -146,6 +146,21 @@ def test_optimizer_step_with_a_gradient_that_is_not_finite():
     assert not ok and not torch.isfinite(norm) and w.grad is None and w.item() == pytest.approx(0.5)  # skipped, gradients dropped
 
 
+def test_optimizer_step_through_an_enabled_grad_scaler():
+    """The fp16 path's logic (here with a CPU GradScaler): the unscaled gradient is clipped and stepped as without
+    a scaler; a non-finite gradient is skipped by the scaler itself (the guard checks only the loss then), and the
+    scale is halved."""
+    from lad.training.common import NonFiniteGuard
+
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    ok, norm = optimizer_step((w * 3).sum(), Update(opt, scaler, clip=1.0), NonFiniteGuard(2), 0)
+    assert ok and float(norm) == 3.0 and w.item() == pytest.approx(0.5) and scaler.get_scale() == 2.0**10
+    ok, norm = optimizer_step((w.sum() - w.sum().detach()).sqrt() + 1.0, Update(opt, scaler, clip=1.0), NonFiniteGuard(2), 1)
+    assert ok and not torch.isfinite(norm) and w.item() == pytest.approx(0.5) and scaler.get_scale() == 2.0**9
+
+
 def test_resume_from_a_checkpoint_without_rng_state(tmp_path):
     """Checkpoints written before the shared loop by the segmenter hold the step only: they resume (no RNG restore)."""
     a = Toy()
