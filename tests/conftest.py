@@ -77,6 +77,26 @@ def write_prepared(root: Path, *, patients: int = 3, windows: int = 2, shape=(8,
     return root
 
 
+class WindowsDataset(torch.utils.data.Dataset):
+    """A plain ``torch.utils.data.Dataset`` (not a ``PreparedDataset``) over the training windows of a prepared
+    folder, as a user's own data would be: items ``image`` / ``mask`` (and ``organs`` with ``organs=True``),
+    the ``spacing`` attribute, nothing else (no path, manifest or split)."""
+
+    def __init__(self, prepared: Path, *, organs: bool = False, spacing: bool = True):
+        from lad.data.dataset import PreparedDataset
+
+        self._ds, self._organs = PreparedDataset(prepared, split="train"), organs
+        if spacing:
+            self.spacing = tuple(self._ds.config["spacing"])
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, i: int) -> dict:
+        it = self._ds[i]
+        return {k: it[k] for k in (("image", "mask", "organs") if self._organs else ("image", "mask"))}
+
+
 # 4 steps per part, one image grid / preview and a checkpoint at the end of each (seconds on 2 cores)
 HANDMADE_RUN_SETTINGS = ["vqgan_train.steps=4", "diffusion_train.steps=4", "logging.image_every=4"]
 

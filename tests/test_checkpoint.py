@@ -131,6 +131,11 @@ def test_dataset_validation(tmp_path):
 
 
 def test_presets_overrides_and_variants():
+    for name in ("tiny", "demo", "paper-abdomenct1k", "paper-totalsegmentator"):
+        cfg = resolve_train_config(name)
+        assert cfg.variant == "full" and cfg.vqgan_train.locality_weight > 0, name
+    with pytest.raises(ConfigError, match="unknown train preset"):
+        resolve_train_config("huge")
     paper = resolve_train_config("paper-abdomenct1k")
     t, d = paper.vqgan_train, paper.diffusion_train
     assert (t.lr, t.batch_size, t.steps, tuple(t.betas), t.grad_clip, t.disc_start) == (3e-4, 2, 100_000, (0.5, 0.9), 1.0, 50_000)
@@ -146,6 +151,7 @@ def test_presets_overrides_and_variants():
     for v, expected in table2.items():
         c = resolve_train_config("tiny", variant=v)
         assert (c.vqgan_train.locality_weight, c.condition.use_content, c.condition.use_structure) == expected, v
+        assert c.conditional == (v != "V0"), v
     assert resolve_train_config("tiny", ["vqgan_train.steps=7", "diffusion_train.ema_decay=0.9"]).vqgan_train.steps == 7
     with pytest.raises(ConfigError, match="unknown key 'stepz'"):
         resolve_train_config("tiny", ["vqgan_train.stepz=7"])

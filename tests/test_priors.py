@@ -38,6 +38,29 @@ def test_segmenter_learns_on_its_training_windows(segmenter, tiny_prepared):
     assert "liver" in metrics["dice"] and metrics["n_windows"] >= 1
 
 
+def test_segmenter_resume_equals_uninterrupted(handmade_prepared, tmp_path):
+    """The segmenter trains through the shared loop: killed after 3 of 4 steps (checkpoint at 2), resumed, the
+    weights equal an uninterrupted run's; the loss is logged; a Dataset object (validated on itself) trains alike."""
+    from safetensors.torch import load_file
+
+    from conftest import WindowsDataset
+
+    cfg = load_segmenter_config("tiny", ["steps=4", "checkpoint_every=2", "roi_size=[8, 16, 16]"])
+    dice = train_segmenter(handmade_prepared, tmp_path / "a", cfg, progress_bar=False)
+    assert train_segmenter(handmade_prepared, tmp_path / "b", cfg, stop_after=3, progress_bar=False) == {}
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.startswith("step")) == ["step_0000002"]
+    assert train_segmenter(handmade_prepared, tmp_path / "b", cfg, resume=True, progress_bar=False) == dice
+    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in rows] == [4] and np.isfinite(rows[0]["loss"]) and rows[0]["skipped_steps"] == 0
+    train_segmenter(WindowsDataset(handmade_prepared, organs=True), tmp_path / "c", cfg, progress_bar=False)
+    c = load_file(str(tmp_path / "c" / "model" / "model.safetensors"))
+    assert all(np.array_equal(a[k].numpy(), c[k].numpy()) for k in a)
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["data"] == "<WindowsDataset>" and metrics["split"] == "train (no test split)"
+
+
 def test_predict_keeps_input_geometry_and_feeds_prepare(segmenter, tiny_prepared, tmp_path):
     from test_io import _write_dicom_series
 

@@ -141,7 +141,7 @@ def test_nan_guard_stops_without_checkpoint(handmade_prepared, handmade_run, tmp
     assert not (run / "checkpoints" / "diffusion").exists() and not (run / "denoiser_ema").exists()
 
 
-def test_run_folder_matches_contract(handmade_run):
+def test_run_folder_matches_contract(handmade_run, handmade_prepared):
     from lad.config import load_config
     from lad.models.condition import ConditionExtractor
     from lad.models.denoiser import LatentDenoiser
@@ -161,8 +161,11 @@ def test_run_folder_matches_contract(handmade_run):
     assert den.config["cond_dim"] == cond.cond_dim > 0
     sched = DDPMScheduler.from_pretrained(r / "scheduler")
     assert sched.num_train_timesteps == 50  # the tiny preset's timesteps
+    assert (r / "condition_raw" / "model.safetensors").exists() and (r / "vqgan_reconstruction.json").exists()
     stats = json.loads((r / "latent_stats.json").read_text())
     assert {"method", "shift", "scale", "latent_shape", "image_shape", "spacing"} <= set(stats) and len(stats["shift"]) == 8
+    assert stats["spacing"] == [12.0, 12.0, 10.0] and stats["organ"] == "pancreas"
+    assert stats["fingerprint"] == json.loads((handmade_prepared / "fingerprint.json").read_text(encoding="utf-8"))
     for part in ("vqgan", "diffusion"):
         steps = sorted(p.name for p in (r / "checkpoints" / part).iterdir())
         assert steps == ["best", "step_0000004"], steps
@@ -190,6 +193,9 @@ def test_cli_end_to_end(handmade_prepared, tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.stepz=2"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown key 'stepz'" in r.stderr
+    r = subprocess.run(cmd + ["vqgan", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--preset", "tiny"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "not a prepared dataset" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_release_ema_schedule_and_beta_clip_resume(handmade_prepared, handmade_run, tmp_path):
@@ -262,3 +268,25 @@ def test_spatial_condition_trains_caches_and_samples(handmade_prepared, handmade
     # V0 has no condition: no spatial map either
     v0 = build_diffusion_models(resolve_train_config("tiny", ["condition.spatial=true"], variant="V0"), (8, 2, 4, 4), 8)
     assert v0["denoiser"].spatial_channels == 0
+
+
+def test_a_dataset_object_trains_as_its_prepared_folder(handmade_prepared, handmade_run, tmp_path):
+    """train_diffusion(Dataset, ...): the same denoiser, bit for bit, as from the folder (handmade_run); the latent
+    cache is keyed by the items' content (reused by a second call); a Dataset without ``spacing`` is refused first."""
+    from conftest import HANDMADE_RUN_SETTINGS, WindowsDataset
+
+    cfg = resolve_train_config("tiny", HANDMADE_RUN_SETTINGS)
+    run = _with_vqgan(handmade_run, tmp_path / "r")
+    with pytest.raises(ValueError, match=r"<WindowsDataset>: the dataset object has no `spacing` attribute"):
+        train_diffusion(WindowsDataset(handmade_prepared, spacing=False), run, cfg)
+    assert sorted(p.name for p in run.iterdir()) == ["vqgan"]
+    train_diffusion(WindowsDataset(handmade_prepared), run, cfg)
+    for part in ("denoiser", "denoiser_ema", "condition"):
+        assert _equal(_weights(handmade_run / part), _weights(run / part)), part
+    stats, ref = (json.loads((d / "latent_stats.json").read_text(encoding="utf-8")) for d in (run, handmade_run))
+    assert stats["spacing"] == ref["spacing"] and stats["shift"] == ref["shift"] and stats["fingerprint"] == {}
+    meta = json.loads((run / "latent_cache" / "meta.json").read_text(encoding="utf-8"))
+    assert "manifest" not in meta and len(meta["data"]) == 16
+    mtime = (run / "latent_cache" / "meta.json").stat().st_mtime_ns
+    train_diffusion(WindowsDataset(handmade_prepared), run, cfg, resume=True)  # nothing left to train: the cache is reused
+    assert (run / "latent_cache" / "meta.json").stat().st_mtime_ns == mtime

@@ -132,3 +132,18 @@ def test_lr_schedule_warm_up_then_cosine_to_zero():
     assert lr_at(29, t) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 25 / 100)))
     assert lr_at(104, t) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(50, types.SimpleNamespace(lr=3e-4, steps=100, lr_warmup=10, lr_schedule="constant")) == 3e-4
+
+
+def test_a_dataset_object_trains_as_its_prepared_folder(handmade_prepared, handmade_run, tmp_path):
+    """train_vqgan(Dataset, ...): the same VQ-GAN, bit for bit, as from the folder the items come from (handmade_run);
+    the reconstruction report is then on those (training) windows."""
+    import json
+
+    from conftest import HANDMADE_RUN_SETTINGS, WindowsDataset
+
+    train_vqgan(WindowsDataset(handmade_prepared), tmp_path / "r", resolve_train_config("tiny", HANDMADE_RUN_SETTINGS))
+    a, b = load_file(str(handmade_run / "vqgan" / "model.safetensors")), load_file(str(tmp_path / "r" / "vqgan" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rec = json.loads((tmp_path / "r" / "vqgan_reconstruction.json").read_text(encoding="utf-8"))
+    ref = json.loads((handmade_run / "vqgan_reconstruction.json").read_text(encoding="utf-8"))
+    assert rec["split"] == "train (a Dataset object)" and rec["n_windows"] == 6 and rec["mae_hu"] == pytest.approx(ref["mae_hu"])

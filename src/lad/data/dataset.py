@@ -1,7 +1,9 @@
-"""``PreparedDataset``: the one contract every later stage reads (docs/contracts.md)."""
+"""``PreparedDataset``: the one contract every later stage reads (docs/contracts.md); ``open_dataset`` and
+``describe_dataset``: what the trainers take, a prepared folder or any ``torch.utils.data.Dataset`` of windows."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import torch
 
 from lad.data.labels import hu_to_unit
 
-__all__ = ["PreparedDataset"]
+__all__ = ["PreparedDataset", "open_dataset", "DatasetInfo", "describe_dataset"]
 
 
 class PreparedDataset(torch.utils.data.Dataset):
@@ -114,3 +116,55 @@ class PreparedDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_arrays"] = {}
         return state
+
+
+def open_dataset(data: str | Path | torch.utils.data.Dataset, split: str | None = "train", *,
+                 organ_labels: bool = True) -> torch.utils.data.Dataset:
+    """What a trainer trains on: a prepared dataset folder (``lad prepare``) opened as ``PreparedDataset(data, split)``,
+    or a ``torch.utils.data.Dataset`` object returned as it is (its items as ``PreparedDataset``'s: ``image``
+    ``(1, D, H, W)`` float32 in [0, 1], ``mask`` ``(1, D, H, W)`` uint8 in {0, 1, 2}, ``organs`` for the organ
+    segmenters; ``split`` does not apply to it)."""
+    if isinstance(data, torch.utils.data.Dataset):
+        return data
+    if not isinstance(data, (str, Path)):
+        raise TypeError(f"data must be a prepared dataset folder or a torch.utils.data.Dataset, got {type(data).__name__}")
+    return PreparedDataset(data, split=split, organ_labels=organ_labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a run records about the windows it was trained on.
+
+    ``name``: the folder (a prepared dataset) or ``<ClassName>`` (a Dataset object), for messages; ``shape``
+    ``(D, H, W)``; ``spacing`` ``(x, y, z)`` mm, None when a Dataset object has no ``spacing`` attribute;
+    ``organ``: the organ of interest (mask label 1); ``fingerprint``: ``fingerprint.json`` (or the object's
+    ``fingerprint`` attribute, else empty); ``path``: the prepared folder, None for a Dataset object."""
+
+    name: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float] | None
+    organ: str
+    fingerprint: dict[str, Any]
+    path: Path | None
+
+
+def describe_dataset(ds: torch.utils.data.Dataset) -> DatasetInfo:
+    """:class:`DatasetInfo` of ``ds``: from the manifest of a ``PreparedDataset``; from a Dataset object's attributes
+    ``spacing``, ``organ`` (default "pancreas") and ``fingerprint`` (optional) and its first item's image shape."""
+    if isinstance(ds, PreparedDataset):
+        return DatasetInfo(str(ds.path), tuple(ds.shape), tuple(float(v) for v in ds.config["spacing"]),
+                           ds.config.get("organ", "pancreas"), ds.fingerprint, ds.path)
+    name = f"<{type(ds).__name__}>"
+    if len(ds) == 0:
+        raise ValueError(f"{name}: the dataset has no items")
+    item = ds[0]
+    if not isinstance(item, dict) or "image" not in item:
+        raise ValueError(f"{name}: items must be dicts with an 'image' (1, D, H, W) float32 in [0, 1] and a 'mask' (1, D, H, W) "
+                         f"uint8 in {{0, 1, 2}} (as PreparedDataset's); item 0 is {type(item).__name__}"
+                         + (f" with keys {sorted(item)}" if isinstance(item, dict) else ""))
+    image = np.asarray(item["image"])
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"{name}: item 0's image has shape {tuple(image.shape)}; expected (1, D, H, W)")
+    spacing = getattr(ds, "spacing", None)
+    return DatasetInfo(name, tuple(int(v) for v in image.shape[1:]), None if spacing is None else tuple(float(v) for v in spacing),
+                       str(getattr(ds, "organ", "pancreas")), dict(getattr(ds, "fingerprint", None) or {}), None)

@@ -24,7 +24,8 @@ Training: DiceCE loss (MONAI) against the 6-class organ map (background, liver, 
 pancreas, tumour), Adam, deterministic batches from the seed; no augmentation (flips would teach the
 network that the liver may sit on the left). Saved like every trained part: ``OUT/model/config.json`` +
 ``model.safetensors`` (the windows it saw in ``_extra``), the resolved config ``OUT/config.yaml``,
-``OUT/train_log.jsonl`` and ``OUT/metrics.json`` (training Dice per organ).
+``OUT/train_log.jsonl`` and ``OUT/metrics.json`` (training Dice per organ). The loop is lad's one training loop
+(``lad.training.loop``: non-finite guard, logs, progress), without resume checkpoints (a run takes seconds to minutes).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from torch.nn import functional as F
 from lad.config import resolve_config, save_config
 from lad.data.labels import ORGAN_NAMES
 from lad.models.base import PretrainedMixin, register_to_config
-from lad.utils.atomic import prepare_output_dir, write_json, write_text
-from lad.utils.log import get_logger, progress
+from lad.training.loop import TrainStep, Update
+from lad.utils.atomic import prepare_output_dir, write_json
+from lad.utils.log import get_logger
 
 __all__ = ["CTFeatureNet", "FeatureTrainConfig", "load_feature_train_config", "train_features", "is_feature_dir"]
 
@@ -159,52 +161,73 @@ def model_dir(path: str | Path) -> Path:
     return p / "model" if (p / "model").is_dir() else p
 
 
-def train_features(data: str | Path, out: str | Path, cfg: FeatureTrainConfig, *, device: str = "cpu",
+class _FeatureStep(TrainStep):
+    """One feature-network step for :class:`~lad.training.loop.Trainer`: a batch drawn with replacement from the
+    step's own generator (seeded once from ``cfg.seed``, as before the shared loop), DiceCE on the organ map."""
+
+    def __init__(self, net: CTFeatureNet, images: torch.Tensor, labels: torch.Tensor, cfg: FeatureTrainConfig, dev: torch.device):
+        from monai.losses import DiceCELoss
+
+        self.net, self.images, self.labels, self.dev = net, images, labels, dev
+        self.batch_size = min(cfg.batch_size, len(images))
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        self.modules, self.optimizers, self.update = {"model": net}, {"opt": opt}, Update(opt)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batch(self, step, indices):
+        idx = torch.randint(len(self.images), (self.batch_size,), generator=self.gen)
+        return self.images[idx].to(self.dev), self.labels[idx].to(self.dev)
+
+    def forward(self, batch, step, generator):
+        x, y = batch
+        logits = self.net(x)
+        loss = self.loss_fn(logits, self.net.target(y, logits))
+        return loss, {"loss": loss}
+
+
+def train_features(data: str | Path | torch.utils.data.Dataset, out: str | Path, cfg: FeatureTrainConfig, *, device: str = "cpu",
                    overwrite: bool = False, progress_bar: bool = True) -> dict:
-    """Train ``CTFeatureNet`` on the ``train`` split of prepared dataset ``data``; returns the training summary.
+    """Train ``CTFeatureNet`` on the ``train`` split of prepared dataset ``data`` (or on a
+    ``torch.utils.data.Dataset`` of ``PreparedDataset`` items with ``organs``); returns the training summary.
 
     Only training windows are read (the held-out test split is the evaluation's real set and must stay
     unseen by the features). Writes ``out/model`` (safetensors + config), ``out/config.yaml``,
-    ``out/train_log.jsonl``, ``out/metrics.json``.
+    ``out/train_log.jsonl`` (the loss mean every ``steps // 20`` steps), ``out/metrics.json``.
     """
-    from monai.losses import DiceCELoss
-
-    from lad.data.dataset import PreparedDataset
+    from lad.data.dataset import describe_dataset, open_dataset
+    from lad.training.loop import Trainer
 
     out = prepare_output_dir(out, overwrite=overwrite)
-    ds = PreparedDataset(data, split="train")
+    ds = open_dataset(data, split="train")
     if len(ds) < 1:
         raise ValueError(f"{data}: no training windows to train the feature network on")
-    images = torch.from_numpy(np.stack([ds[i]["image"] for i in range(len(ds))]))
-    labels = torch.from_numpy(np.stack([ds[i]["organs"] for i in range(len(ds))]).astype(np.int64))
+    items = [ds[i] for i in range(len(ds))]
+    if "organs" not in items[0]:
+        raise ValueError(f"{data}: items have no 'organs' label map to train the feature network on")
+    images = torch.from_numpy(np.stack([it["image"] for it in items]))
+    labels = torch.from_numpy(np.stack([it["organs"] for it in items]).astype(np.int64))
+    windows = [it["meta"]["id"] if isinstance(it.get("meta"), dict) and "id" in it["meta"] else str(i) for i, it in enumerate(items)]
+    del items
     save_config(cfg, out / "config.yaml")
     dev = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         net = CTFeatureNet(channels=tuple(cfg.channels)).to(dev)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    log_lines, t0 = [], time.perf_counter()
+    t0 = time.perf_counter()
+    step = _FeatureStep(net, images, labels, cfg, dev)
     net.train()
-    for step in progress(range(1, cfg.steps + 1), total=cfg.steps, desc="features", unit="step", disable=not progress_bar):
-        idx = torch.randint(len(ds), (min(cfg.batch_size, len(ds)),), generator=gen)
-        x, y = images[idx].to(dev), labels[idx].to(dev)
-        logits = net(x)
-        loss = loss_fn(logits, net.target(y, logits))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps:
-            log_lines.append(f'{{"step": {step}, "loss": {loss.item():.6f}, "seconds": {time.perf_counter() - t0:.2f}}}')
+    # no seed: the batches come from the step's generator and the global RNG is left alone; no resume checkpoints
+    Trainer(step, steps=cfg.steps, part="features", device=dev, batch_size=step.batch_size, jsonl=out / "train_log.jsonl",
+            log_every=max(1, cfg.steps // 20), progress_bar=progress_bar).run()
     net.eval()
     net.calibrate(images.to(dev))
     dice = _train_dice(net, images, labels, dev)
-    summary = {"trained_on": str(Path(data).resolve()), "split": "train", "n_windows": len(ds),
-               "windows": [w["id"] for w in ds.windows], "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1),
+    info = describe_dataset(ds)
+    summary = {"trained_on": str(info.path.resolve()) if info.path is not None else info.name, "split": "train",
+               "n_windows": len(ds), "windows": windows, "steps": cfg.steps, "seconds": round(time.perf_counter() - t0, 1),
                "train_dice": dice}
     net.cpu().save_pretrained(out / "model", extra={k: summary[k] for k in ("trained_on", "split", "windows", "steps")})
-    write_text(out / "train_log.jsonl", "\n".join(log_lines) + "\n")
     write_json(out / "metrics.json", {k: v for k, v in summary.items() if k != "windows"})
     log.info("feature network trained on %d windows in %.0f s; training Dice %s", len(ds), summary["seconds"],
              {k: round(v, 3) for k, v in dice.items()})

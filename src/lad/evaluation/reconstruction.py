@@ -26,7 +26,7 @@ def reconstruction_report(vqgan, dataset, *, device: str | torch.device = "cpu",
     """Reconstruction errors and codebook use of ``vqgan`` over every window of ``dataset``.
 
     ``vqgan``: a ``VQGAN`` (anything with ``encode``, ``quantize``, ``decode`` and ``config["num_embeddings"]``; images ``(B, 1, D, H, W)``
-    in [0, 1]); ``dataset``: a ``PreparedDataset`` (items with ``image`` and ``organs``). Reconstructions
+    in [0, 1]); ``dataset``: a ``PreparedDataset`` (items with ``image`` and, for the per-organ errors, ``organs``). Reconstructions
     are clipped to [0, 1] (the HU window [-1000, 400]) before the comparison. Returns, pooled over all
     windows:
 
@@ -69,6 +69,8 @@ def reconstruction_report(vqgan, dataset, *, device: str | torch.device = "cpu",
                 n_body += int(body.sum())
                 abs_all += float(np.abs(diff).sum())
                 n_all += diff.size
+                if it.get("organs") is None:  # a Dataset without organ maps: no per-organ errors
+                    continue
                 organs = it["organs"][0]
                 for o in RECON_ORGANS:
                     sel = organs == ORGAN_LABELS[o]

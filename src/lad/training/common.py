@@ -1,4 +1,5 @@
-"""What both trainers share: run folders, data order, resume checkpoints, logging, the NaN guard.
+"""What the trainers share besides the loop (``lad.training.loop``): devices, data order and validation,
+run-folder and resume-config checks, checkpoints, logging, the NaN guard.
 
 Determinism: the batch of step ``s`` and every random draw inside the step come from seeds derived
 from ``(seed, s)``, so a resumed run needs only the weights, optimiser states and the step number
@@ -17,7 +18,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from lad.training.checkpoint import CheckpointManager  # noqa: F401  (re-exported: lad.priors.train imports it from here)
+from lad.training.checkpoint import CheckpointManager  # noqa: F401  (re-exported: the downstream trainers import it from here)
 from lad.utils.distributed import all_reduce_mean, all_reduce_min_bool, barrier, broadcast_object, is_distributed
 from lad.utils.log import get_logger, is_main_process, progress
 from lad.utils.seed import derive_seed
@@ -26,6 +27,7 @@ __all__ = [
     "resolve_device", "batch_indices", "step_generator", "seed_step", "CheckpointManager", "NonFiniteGuard",
     "Logger", "autocast", "make_grad_scaler", "gather_batch", "check_run_part", "validate_dataset", "data_state",
     "save_checkpoint", "load_latest_checkpoint", "DOWNSTREAM_OF_VQGAN", "check_downstream", "remove_downstream",
+    "open_training_data", "changed_keys", "check_resume_config",
 ]
 
 log = get_logger(__name__)
@@ -78,13 +80,24 @@ def seed_step(seed: int, step: int, part: str) -> None:
 
 
 def gather_batch(dataset, indices: Iterable[int], device: torch.device) -> dict[str, torch.Tensor]:
-    """Stack the prepared-dataset items ``indices`` into tensors on ``device``; validate masks."""
-    items = [dataset[int(i)] for i in indices]
-    image = torch.from_numpy(np.stack([it["image"] for it in items]))
+    """Stack the items ``indices`` of ``dataset`` (a ``PreparedDataset`` or any Dataset of such items) into tensors
+    on ``device``; validate masks and shapes."""
+    indices = [int(i) for i in indices]
+    items = [dataset[i] for i in indices]
+    where = getattr(dataset, "path", None) or f"<{type(dataset).__name__}>"
+
+    def ids(bad):
+        return [it["meta"]["id"] if isinstance(it.get("meta"), dict) and "id" in it["meta"] else i for i, it in bad]
+
+    shapes = {tuple(np.shape(it["image"])) for it in items} | {tuple(np.shape(it["mask"])) for it in items}
+    if len(shapes) > 1:
+        raise ValueError(f"{where}: items {ids(zip(indices, items))} have images/masks of different shapes {sorted(shapes)}; "
+                         "every window must have one (1, D, H, W) shape")
+    image = torch.from_numpy(np.stack([np.asarray(it["image"], dtype=np.float32) for it in items]))
     mask = np.stack([it["mask"] for it in items])
     if mask.max(initial=0) > 2:
-        bad = [it["meta"]["id"] for it in items if it["mask"].max() > 2]
-        raise ValueError(f"{dataset.path}: window(s) {bad} have mask labels outside {{0, 1, 2}}")
+        bad = ids([(i, it) for i, it in zip(indices, items) if np.max(it["mask"]) > 2])
+        raise ValueError(f"{where}: window(s) {bad} have mask labels outside {{0, 1, 2}}")
     return {"image": image.to(device, non_blocking=True), "mask": torch.from_numpy(mask).to(device, non_blocking=True)}
 
 
@@ -107,8 +120,19 @@ def validate_dataset(ds, divisible_by: tuple[int, ...] | None = None, *, progres
     """Refuse a training split that would fail mid-run: no windows, mixed window shapes, mask labels
     outside {0, 1, 2}, or a window shape that the VQ-GAN compression does not divide.
 
-    Reads array headers and the (uint8) masks once, patient by patient, from their memory maps.
+    A ``PreparedDataset``: reads array headers and the (uint8) masks once, patient by patient, from their memory
+    maps. Another Dataset: its first item (every batch's shapes and labels are checked again as it is loaded).
     """
+    from lad.data.dataset import PreparedDataset, describe_dataset
+
+    if not isinstance(ds, PreparedDataset):
+        if len(ds) == 0:
+            raise ValueError(f"<{type(ds).__name__}>: the dataset has no items")
+        info = describe_dataset(ds)
+        if divisible_by is not None and any(s % f for s, f in zip(info.shape, divisible_by)):
+            raise ValueError(f"{info.name}: window shape {info.shape} is not divisible by the VQ-GAN compression {tuple(divisible_by)}")
+        gather_batch(ds, [0], torch.device("cpu"))  # item 0's mask: present, same shape, labels in {0, 1, 2}
+        return
     if len(ds) == 0:
         raise ValueError(f"{ds.path}: the {ds.split} split has no windows")
     if divisible_by is not None and any(s % f for s, f in zip(ds.shape, divisible_by)):
@@ -124,6 +148,27 @@ def validate_dataset(ds, divisible_by: tuple[int, ...] | None = None, *, progres
         top = int(np.max(arrays["mask"], initial=0))
         if top > 2:
             raise ValueError(f"{ds.path / 'patients' / pid / 'mask.npy'}: mask label {top} outside {{0, 1, 2}}")
+
+
+def open_training_data(data, cfg, *, progress_bar: bool = True):
+    """The training windows of ``data`` (a prepared dataset folder: its train split; or a Dataset object),
+    validated (shapes, labels, divisible by the VQ-GAN compression ``cfg.vqgan.downsample``)."""
+    from lad.data.dataset import open_dataset
+
+    ds = open_dataset(data, split="train")
+    validate_dataset(ds, tuple(cfg.vqgan.downsample), progress_bar=progress_bar)
+    return ds
+
+
+def changed_keys(old: dict, new: dict, *, keys=None, ignore=()) -> list[str]:
+    """The keys (``keys``, default all of both) whose values differ between the settings a run was started with
+    (``old``, as read back from its JSON/YAML file) and ``new``; tuples and lists compare alike (the files hold lists)."""
+
+    def plain(v):
+        return json.loads(json.dumps(v, sort_keys=True, default=list))
+
+    keys = sorted(set(old) | set(new)) if keys is None else list(keys)
+    return [k for k in keys if k not in ignore and plain(old.get(k)) != plain(new.get(k))]
 
 
 def check_resume_config(run: Path, cfg, sections: tuple[str, ...]) -> None:
@@ -149,11 +194,8 @@ def check_resume_config(run: Path, cfg, sections: tuple[str, ...]) -> None:
             if a != b:
                 raise ValueError(f"{f}: --resume with {sec}={b!r}, but the run was started with {sec}={a!r}")
             continue
-        a, b = {**defaults.get(sec, {}), **a}, dict(b or {})
-        a.pop("steps", None), b.pop("steps", None)
-        a, b = yaml.safe_load(yaml.safe_dump(a)), yaml.safe_load(yaml.safe_dump(b))  # tuples vs lists
-        if a != b:
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        diff = changed_keys({**defaults.get(sec, {}), **a}, dict(b or {}), ignore=("steps",))
+        if diff:
             raise ValueError(f"{f}: --resume with a different {sec} config (keys {diff}); resume with the run's own "
                              "config (--preset/--set as before) or start a new run")
 

@@ -14,23 +14,20 @@ sliced; the latent cache is built in shards by all ranks; rank 0 alone writes lo
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lad.config import save_config
-from lad.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from lad.training.common import (Logger, NonFiniteGuard, autocast, batch_indices, check_resume_config, check_run_part, data_state,
-                                 load_latest_checkpoint, make_grad_scaler, resolve_device, save_checkpoint, seed_step, slice_grid,
-                                 step_generator)
+from lad.training.common import autocast, check_resume_config, check_run_part, make_grad_scaler, open_training_data, slice_grid
 from lad.training.config import TrainConfig
-from lad.training.parallel import check_global_batch, shard_batch, wrap_ddp
-from lad.utils.distributed import get_rank, get_world_size, init_distributed
+from lad.training.loop import Trainer, TrainStep, Update, training_device
+from lad.training.parallel import wrap_ddp
+from lad.utils.distributed import get_rank, get_world_size
 from lad.training.ema import ema_step, make_ema
 from lad.utils.atomic import write_json
-from lad.utils.log import get_logger, is_main_process, progress
+from lad.utils.log import get_logger, is_main_process
 
 __all__ = ["train_diffusion", "build_diffusion_models", "DIFFUSION_OUTPUTS"]
 
@@ -96,32 +93,84 @@ class _DiffusionStep(nn.Module):
         return self.loss_fn(self.net["denoiser"], self.scheduler, z0, cond, generator=generator, loss=self.loss, **kw)
 
 
-def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-                    device: str = "cpu", stop_after: int | None = None, progress_bar: bool = True) -> Path:
+class _DiffusionTrainStep(TrainStep):
+    """One diffusion step for :class:`~lad.training.loop.Trainer`: a batch of cached latents, the diffusion loss
+    (with classifier-free condition dropout), then the EMA update after a healthy optimiser step."""
+
+    metric = "diffusion"
+
+    def __init__(self, ds, cache, net, ema, train_step, scheduler, vqgan, latent_scaler, cfg: TrainConfig, dev: torch.device, *,
+                 run: Path, stats: dict):
+        self.ds, self.cache, self.net, self.ema, self.train_step, self.scheduler, self.vqgan = ds, cache, net, ema, train_step, scheduler, vqgan
+        self.latent_scaler, self.t, self.cfg, self.dev, self.run, self.stats = latent_scaler, cfg.diffusion_train, cfg, dev, run, stats
+        # fused Adam + foreach clipping: 1.31x faster denoiser step at the demo latent on CPU (0.94 vs 1.23 CPU s,
+        # benchmarks/README.md); the many small per-tensor ops of the default path dominated the profile
+        opt = torch.optim.Adam(net.parameters(), lr=self.t.lr, fused=True)
+        scaler = make_grad_scaler(dev, cfg.precision)
+        self.modules, self.optimizers = {"net": net, "ema": ema}, {"opt": opt, "scaler": scaler}
+        self.update = Update(opt, scaler, self.t.grad_clip)
+
+    def batch(self, step, indices):
+        self.idx = torch.from_numpy(indices)
+        return {k: v[self.idx].to(self.dev, non_blocking=True) for k, v in self.cache.items()}
+
+    def forward(self, batch, step, generator):
+        self.last = batch
+        z0 = self.latent_scaler.scale(batch["z"])
+        with autocast(self.dev, self.cfg.precision):
+            return self.train_step(batch, z0, generator)
+
+    def after_update(self, step, generator, logs):
+        ema_step(self.ema, self.net, step, every=self.t.ema_every, start=self.t.ema_start)
+
+    def images(self, step, generator, logger):
+        masks = [torch.from_numpy(self.ds[int(i)]["mask"]).float() / 2 for i in self.idx[:2]]
+        logger.image("diffusion/samples", _preview(self.ema.module, self.vqgan, self.last, masks, self.latent_scaler, self.scheduler,
+                                                   generator, self.dev), step)
+
+    def finish(self):
+        run, net, ema = self.run, self.net, self.ema
+        extra = {"trained_steps": self.t.steps, "variant": self.cfg.variant}
+        net.eval()
+        net["denoiser"].save_pretrained(run / "denoiser", extra=extra)
+        ema.module["denoiser"].save_pretrained(run / "denoiser_ema", extra=extra)
+        if "condition" in net:
+            net["condition"].save_pretrained(run / "condition_raw", extra=extra)
+            ema.module["condition"].save_pretrained(run / "condition", extra=extra)
+        self.scheduler.save_pretrained(run / "scheduler")
+        write_json(run / "latent_stats.json", self.stats)
+        log.info("diffusion model saved to %s", run)
+
+
+def train_diffusion(data: str | Path | torch.utils.data.Dataset, run: str | Path, cfg: TrainConfig, *, resume: bool = False,
+                    overwrite: bool = False, device: str = "cpu", stop_after: int | None = None, progress_bar: bool = True) -> Path:
     """Train (or resume) the conditional latent diffusion model of ``run``; returns ``RUN/denoiser_ema``.
 
+    ``data``: a prepared dataset folder (its training split) or a ``torch.utils.data.Dataset`` of the same items
+    (``image``, ``mask``) with a ``spacing`` attribute ((x, y, z) mm, recorded for the samples' NIfTI headers).
     Needs ``RUN/vqgan`` (``train_vqgan``). The VQ-GAN's latents of the training windows are cached in
     ``RUN/latent_cache`` (reused while ``RUN/vqgan/model.safetensors`` and the data are unchanged).
     ``stop_after`` ends this call after that many steps (as a killed job would); errors are raised
     before anything in ``run`` is written or deleted.
     """
+    from lad.data.dataset import describe_dataset
     from lad.models import guidance
     from lad.models.vqgan import VQGAN
     from lad.schedulers import RECTIFIED_FLOW, DDPMScheduler, RectifiedFlowScheduler
     from lad.training.latents import LatentScaler, build_latent_cache, file_hash
-    from lad.training.vqgan_trainer import open_training_data
 
     run = Path(run)
-    dev = init_distributed(resolve_device(device))  # torchrun: process group; cuda -> cuda:LOCAL_RANK
-    check_global_batch(cfg.diffusion_train.batch_size, "diffusion_train.batch_size")
+    dev = training_device(device, cfg.precision, cfg.diffusion_train.batch_size, "diffusion_train.batch_size")
     if not (run / "vqgan" / "model.safetensors").exists():
         raise FileNotFoundError(f"{run}: no trained VQ-GAN; run `lad train vqgan --run {run}` first")
     ds = open_training_data(data, cfg, progress_bar=progress_bar)
-    if cfg.precision == "fp16" and dev.type != "cuda":
-        raise ValueError("precision fp16 needs CUDA; use fp32 (or bf16, slow on CPU) with --device cpu")
+    info = describe_dataset(ds)
+    if info.spacing is None:
+        raise ValueError(f"{info.name}: the dataset object has no `spacing` attribute ((x, y, z) voxel size in mm); the run "
+                         "records it in latent_stats.json for the samples' NIfTI headers: set it on the dataset")
     vqgan = VQGAN.from_pretrained(run / "vqgan", map_location=dev).to(dev).eval().requires_grad_(False)
-    latent_shape = tuple(vqgan.latent_shape(ds.shape))
-    expected = (cfg.vqgan.embedding_dim, *(s // f for s, f in zip(ds.shape, cfg.vqgan.downsample)))
+    latent_shape = tuple(vqgan.latent_shape(info.shape))
+    expected = (cfg.vqgan.embedding_dim, *(s // f for s, f in zip(info.shape, cfg.vqgan.downsample)))
     vc = vqgan.config
     pairs = {"embedding_dim": (vc["embedding_dim"], cfg.vqgan.embedding_dim),
              "downsample": (list(vc["downsample"]), list(cfg.vqgan.downsample)),
@@ -137,7 +186,7 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
         check_resume_config(run, cfg, ("vqgan", "denoiser", "diffusion_train", "condition", "variant", "seed"))
     t = cfg.diffusion_train
     torch.manual_seed(cfg.seed)  # models are built (and their config checked) before the run folder is touched
-    net = build_diffusion_models(cfg, latent_shape, ds.shape[0]).to(dev)
+    net = build_diffusion_models(cfg, latent_shape, info.shape[0]).to(dev)
     check_run_part(run, DIFFUSION_OUTPUTS, resume=resume, overwrite=overwrite)
     if is_main_process():
         save_config(cfg, run / "config.yaml")
@@ -148,8 +197,8 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
                                progress_bar=progress_bar)
     latent_scaler = LatentScaler.fit(cache["z"])
     stats = latent_scaler.to_dict()
-    stats.update(latent_shape=list(latent_shape), image_shape=list(ds.shape), spacing=list(ds.config["spacing"]),
-                 organ=ds.config.get("organ", "pancreas"), fingerprint=ds.fingerprint,
+    stats.update(latent_shape=list(latent_shape), image_shape=list(info.shape), spacing=list(info.spacing),
+                 organ=info.organ, fingerprint=info.fingerprint,
                  vqgan_hash=file_hash(run / "vqgan" / "model.safetensors"))
     latent_scaler = latent_scaler.to(dev)
 
@@ -162,75 +211,13 @@ def train_diffusion(data: str | Path, run: str | Path, cfg: TrainConfig, *, resu
     # data parallel (torchrun): DDP on the denoiser + Condition Extractor; the module itself outside torchrun
     train_step = wrap_ddp(_DiffusionStep(net, scheduler, guidance.diffusion_loss, guidance.drop_condition, p_uncond=t.p_uncond,
                                          loss=t.loss, shard=(get_rank(), get_world_size())), dev)
-    # fused Adam + foreach clipping: 1.31x faster denoiser step at the demo latent on CPU (0.94 vs 1.23 CPU s,
-    # benchmarks/README.md); the many small per-tensor ops of the default path dominated the profile
-    opt = torch.optim.Adam(net.parameters(), lr=t.lr, fused=True)
-    scaler = make_grad_scaler(dev, cfg.precision)
-    modules, optims = {"net": net, "ema": ema}, {"opt": opt, "scaler": scaler}
-    ckpt = CheckpointManager(run / "checkpoints" / "diffusion", cfg.logging.keep_last)
-    start = 0
-    if resume and (state := load_latest_checkpoint(ckpt, modules, optims, dev)) is not None:
-        start = state["step"]
-        restore_rng_state(state["rng"])
-    logger = Logger(run / "tensorboard" / "diffusion", jsonl=run / "logs" / "diffusion.jsonl", device=dev)
-    guard = NonFiniteGuard(cfg.logging.max_nonfinite_steps)
+    step = _DiffusionTrainStep(ds, cache, net, ema, train_step, scheduler, vqgan, latent_scaler, cfg, dev, run=run, stats=stats)
     net.train()
-    end = t.steps if stop_after is None else min(t.steps, start + stop_after)
-    bar = progress(range(start, end), total=end - start, desc="diffusion", unit="step", disable=not progress_bar)
-    t_last, n_last, t_data, running = time.perf_counter(), start, 0.0, float("nan")
-    for step in bar:
-        seed_step(cfg.seed, step, "diffusion")
-        gen = step_generator(cfg.seed, step, "diffusion")
-        t0 = time.perf_counter()
-        idx = torch.from_numpy(shard_batch(batch_indices(step, t.batch_size, len(ds), cfg.seed)))
-        batch = {k: v[idx].to(dev, non_blocking=True) for k, v in cache.items()}
-        t_data += time.perf_counter() - t0
-        z0 = latent_scaler.scale(batch["z"])
-        with autocast(dev, cfg.precision):
-            loss, logs = train_step(batch, z0, gen)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        g_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip, foreach=True)
-        if guard.ok(loss, step, None if scaler.is_enabled() else g_norm):
-            scaler.step(opt)
-            ema_step(ema, net, step, every=t.ema_every, start=t.ema_start)
-            logs["grad_norm"] = g_norm.detach()
-            logger.accumulate(logs)
-        else:
-            opt.zero_grad(set_to_none=True)
-        scaler.update()
-        done = step + 1
-        if done % cfg.logging.log_every == 0 or done == end:
-            now = time.perf_counter()
-            rate = (done - n_last) / max(now - t_last, 1e-9)
-            means = logger.flush(done, "diffusion", {"lr": opt.param_groups[0]["lr"], "steps_per_s": rate,
-                                                     "samples_per_s": rate * t.batch_size, "step_time_s": 1 / max(rate, 1e-9),
-                                                     "data_share": t_data / max(now - t_last, 1e-9),
-                                                     "skipped_steps": guard.skipped})
-            running = means.get("diffusion", running)
-            t_last, n_last, t_data = now, done, 0.0
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{means.get('diffusion', float('nan')):.4f}")
-        if cfg.logging.image_every and done % cfg.logging.image_every == 0 and is_main_process():
-            masks = [torch.from_numpy(ds[int(i)]["mask"]).float() / 2 for i in idx[:2]]
-            logger.image("diffusion/samples", _preview(ema.module, vqgan, batch, masks, latent_scaler, scheduler, gen, dev), done)
-        # no checkpoint during a run of skipped (non-finite) steps: resume from the last healthy one
-        if (done % cfg.logging.checkpoint_every == 0 or done == t.steps) and guard.in_a_row == 0:
-            save_checkpoint(ckpt, done, modules, optims,
-                            {"rng": capture_rng_state(), "data": data_state(done, t.batch_size, len(ds), cfg.seed)}, metric=running)
-    logger.close()
-    if end == t.steps and is_main_process():
-        extra = {"trained_steps": t.steps, "variant": cfg.variant}
-        net.eval()
-        net["denoiser"].save_pretrained(run / "denoiser", extra=extra)
-        ema.module["denoiser"].save_pretrained(run / "denoiser_ema", extra=extra)
-        if "condition" in net:
-            net["condition"].save_pretrained(run / "condition_raw", extra=extra)
-            ema.module["condition"].save_pretrained(run / "condition", extra=extra)
-        scheduler.save_pretrained(run / "scheduler")
-        write_json(run / "latent_stats.json", stats)
-        log.info("diffusion model saved to %s", run)
+    trainer = Trainer.from_logging(step, cfg.logging, steps=t.steps, part="diffusion", device=dev, seed=cfg.seed, num_samples=len(ds),
+                                   batch_size=t.batch_size, checkpoints=run / "checkpoints" / "diffusion",
+                                   tensorboard=run / "tensorboard" / "diffusion", jsonl=run / "logs" / "diffusion.jsonl",
+                                   progress_bar=progress_bar)
+    trainer.run(resume=resume, stop_after=stop_after)
     return run / "denoiser_ema"
 
 

@@ -3,7 +3,7 @@
 ``RUN/latent_cache/`` holds ``latents.safetensors`` (``z`` pre-quantisation image latents, ``mask_z``
 encoded masks when the content condition is on, ``betti`` Betti vectors when the structure
 condition is on, ``mask_lr`` the spatial condition map when the denoiser takes one) and ``meta.json`` with the hash of ``RUN/vqgan/model.safetensors`` and of the
-dataset manifest: a changed VQ-GAN or dataset invalidates the cache.
+dataset manifest (``data_key``: of the items of a Dataset object): a changed VQ-GAN or dataset invalidates the cache.
 
 Latent scaling (``LatentScaler``, saved as ``RUN/latent_stats.json``): per-channel mean and standard deviation
 of the training latents, ``z_scaled = (z - shift) / scale`` (unit variance, as MAISI scales by 1/std; the release
@@ -30,7 +30,7 @@ from lad.utils.atomic import atomic_dir, write_json
 from lad.utils.distributed import barrier, broadcast_object, get_rank, get_world_size
 from lad.utils.log import get_logger, is_main_process, progress
 
-__all__ = ["file_hash", "build_latent_cache", "LatentScaler"]
+__all__ = ["file_hash", "data_key", "build_latent_cache", "LatentScaler"]
 
 log = get_logger(__name__)
 
@@ -43,6 +43,26 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def data_key(dataset, *, progress_bar: bool = True) -> dict:
+    """What identifies the training windows in the cache's key: a prepared dataset's manifest hash and split; a
+    Dataset object's ``cache_key`` attribute when it has one, else a hash of every item's image and mask (read once)."""
+    from lad.data.dataset import PreparedDataset
+
+    if isinstance(dataset, PreparedDataset):
+        return {"manifest": file_hash(dataset.path / "manifest.json"), "split": dataset.split}
+    key = getattr(dataset, "cache_key", None)
+    if key is None:
+        h = hashlib.sha256()
+        for i in progress(range(len(dataset)), desc="hash data", unit="window", disable=not progress_bar):
+            item = dataset[i]
+            for name in ("image", "mask"):
+                a = np.ascontiguousarray(item[name])
+                h.update(f"{name}{a.dtype}{a.shape}".encode())
+                h.update(a.tobytes())
+        key = h.hexdigest()[:16]
+    return {"data": str(key)}
+
+
 @torch.no_grad()
 def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: bool, device: torch.device,
                        batch_size: int = 4, spatial: tuple[int, int, int] | None = None,
@@ -53,8 +73,8 @@ def build_latent_cache(run: Path, dataset, vqgan, *, content: bool, structure: b
     from lad.topology import betti_vectors
 
     cache = run / "latent_cache"
-    key = {"vqgan": file_hash(run / "vqgan" / "model.safetensors"), "manifest": file_hash(dataset.path / "manifest.json"),
-           "split": dataset.split, "content": content, "structure": structure, "n": len(dataset)}
+    key = {"vqgan": file_hash(run / "vqgan" / "model.safetensors"), **data_key(dataset, progress_bar=progress_bar), "content": content,
+           "structure": structure, "n": len(dataset)}
     if spatial is not None:  # (only then: the caches of runs without it stay valid)
         key["spatial"] = list(spatial)
     valid = (cache / "meta.json").exists() and json.loads((cache / "meta.json").read_text()) == key

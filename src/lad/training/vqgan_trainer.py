@@ -15,21 +15,18 @@ restarts are global (``lad.models.quantizer``); rank 0 alone writes logs, checkp
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
 
 from lad.config import save_config
-from lad.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from lad.training.common import (Logger, NonFiniteGuard, autocast, batch_indices, check_resume_config, check_run_part, data_state,
-                                 gather_batch, make_grad_scaler, resolve_device, seed_step, slice_grid, step_generator,
-                                 load_latest_checkpoint, save_checkpoint, validate_dataset)
-from lad.training.common import check_downstream, remove_downstream
+from lad.training.common import (NonFiniteGuard, autocast, check_downstream, check_resume_config, check_run_part, gather_batch,
+                                 make_grad_scaler, open_training_data, remove_downstream, slice_grid)
 from lad.training.config import TrainConfig
-from lad.training.parallel import check_global_batch, shard_batch, sync_batchnorm, wrap_ddp
-from lad.utils.distributed import get_rank, get_world_size, init_distributed
-from lad.utils.log import get_logger, is_main_process, progress
+from lad.training.loop import Trainer, TrainStep, Update, optimizer_step, training_device
+from lad.training.parallel import sync_batchnorm, wrap_ddp
+from lad.utils.distributed import get_rank, get_world_size
+from lad.utils.log import get_logger, is_main_process
 
 __all__ = ["train_vqgan", "build_vqgan", "VQGAN_OUTPUTS"]
 
@@ -62,15 +59,6 @@ def lr_at(step: int, t) -> float:
     return t.lr * 0.5 * (1 + math.cos(math.pi * min(step - t.lr_warmup, span) / span))
 
 
-def open_training_data(data: str | Path, cfg: TrainConfig, *, progress_bar: bool = True):
-    """The training split of prepared dataset ``data``, validated (shapes, labels, compression)."""
-    from lad.data.dataset import PreparedDataset
-
-    ds = PreparedDataset(data, split="train")
-    validate_dataset(ds, tuple(cfg.vqgan.downsample), progress_bar=progress_bar)
-    return ds
-
-
 class _DiscriminatorStep(torch.nn.Module):
     """The discriminators' loss as one module's forward (what DistributedDataParallel wraps)."""
 
@@ -89,11 +77,88 @@ def _buffers(*modules: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor
     return [(b, b.detach().clone()) for m in modules for b in m.buffers()]
 
 
-def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
-                device: str = "cpu", perceptual_weights: str | None = None, stop_after: int | None = None,
-                progress_bar: bool = True, discard_diffusion: bool = False) -> Path:
-    """Train (or resume) the VQ-GAN of ``run`` on the prepared dataset ``data``; returns ``RUN/vqgan``.
+class _VQGANStep(TrainStep):
+    """One VQ-GAN step for :class:`~lad.training.loop.Trainer`: the generator's loss (the loop steps ``opt_g`` on
+    it), then, after a healthy generator step and from ``disc_start``, the discriminators' loss and ``opt_d``."""
 
+    metric = "total"
+
+    def __init__(self, ds, model, crit, model_step, disc_step, cfg: TrainConfig, dev: torch.device, *, run: Path, data):
+        self.ds, self.model, self.crit, self.model_step, self.disc_step = ds, model, crit, model_step, disc_step
+        self.t, self.precision, self.variant, self.dev, self.run, self.data = cfg.vqgan_train, cfg.precision, cfg.variant, dev, run, data
+        t = self.t
+        # fused Adam (one kernel for all tensors) as in the diffusion trainer
+        opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas), fused=True)
+        opt_d = torch.optim.Adam(crit.discriminator_parameters(), lr=t.lr, betas=tuple(t.betas), fused=True)
+        scaler_g, scaler_d = make_grad_scaler(dev, cfg.precision), make_grad_scaler(dev, cfg.precision)
+        self.modules = {"vqgan": model, "loss": crit}
+        self.optimizers = {"opt_g": opt_g, "opt_d": opt_d, "scaler_g": scaler_g, "scaler_d": scaler_d}
+        self.update = Update(opt_g, scaler_g, t.grad_clip)
+        self.disc_update = Update(opt_d, scaler_d, t.grad_clip)
+        self.dguard = NonFiniteGuard(cfg.logging.max_nonfinite_steps)
+
+    def lr(self, step):  # a function of the step alone: a resumed run continues it exactly
+        return lr_at(step, self.t)
+
+    def batch(self, step, indices):
+        return gather_batch(self.ds, indices, self.dev)
+
+    def _disc_requires_grad(self, flag: bool) -> None:
+        for p in self.crit.discriminator_parameters():
+            p.requires_grad_(flag)
+
+    def forward(self, batch, step, generator):
+        self.x, mask = batch["image"], batch["mask"]
+        self.saved = _buffers(self.model, self.crit)
+        self._disc_requires_grad(False)  # the generator's pass needs no discriminator gradients (they would be discarded)
+        with autocast(self.dev, self.precision):
+            self.out = self.model_step(self.x)
+            return self.crit.generator_loss(self.x, self.out, mask, step, generator)
+
+    def after_update(self, step, generator, logs):
+        self._disc_requires_grad(True)
+        if step >= self.t.disc_start:
+            with autocast(self.dev, self.precision):
+                d_loss, dlogs = self.disc_step(self.x, self.out.recon.detach(), step, generator)
+            if optimizer_step(d_loss, self.disc_update, self.dguard, step)[0]:
+                logs.update(dlogs)
+        logs.update(perplexity=self.out.perplexity.detach(), codebook_usage=self.out.usage.detach())
+
+    def on_skip(self, step):  # undo what the forward pass changed (EMA codebook, BatchNorm statistics)
+        self._disc_requires_grad(True)
+        for b, copy in self.saved:
+            b.copy_(copy)
+
+    def postfix(self, means):
+        return {"loss": f"{means.get('total', float('nan')):.4f}", "ppl": f"{means.get('perplexity', 0):.0f}"}
+
+    def images(self, step, generator, logger):
+        logger.image("vqgan/input_vs_recon", slice_grid([self.x[0], self.out.recon[0]]), step)
+
+    def finish(self):
+        self.model.eval().save_pretrained(self.run / "vqgan", extra={"trained_steps": self.t.steps, "variant": self.variant})
+        log.info("VQ-GAN saved to %s", self.run / "vqgan")
+        from lad.evaluation.reconstruction import reconstruction_report, write_reconstruction_report
+        from lad.utils.atomic import write_json
+
+        f = self.run / "vqgan_reconstruction.json"
+        if isinstance(self.data, (str, Path)):
+            rec = write_reconstruction_report(self.model, self.data, f, device=self.dev)
+        else:  # a Dataset object: no held-out split to measure on
+            rec = {**reconstruction_report(self.model, self.ds, device=self.dev), "split": "train (a Dataset object)",
+                   "data": f"<{type(self.ds).__name__}>"}
+            write_json(f, rec)
+        log.info("VQ-GAN on the %s windows: MAE %.1f HU in the body, %d codes used", rec["split"], rec["mae_body_hu"] or float("nan"),
+                 rec["codes_used"])
+
+
+def train_vqgan(data: str | Path | torch.utils.data.Dataset, run: str | Path, cfg: TrainConfig, *, resume: bool = False,
+                overwrite: bool = False, device: str = "cpu", perceptual_weights: str | None = None, stop_after: int | None = None,
+                progress_bar: bool = True, discard_diffusion: bool = False) -> Path:
+    """Train (or resume) the VQ-GAN of ``run``; returns ``RUN/vqgan``.
+
+    ``data``: a prepared dataset folder (its training split) or a ``torch.utils.data.Dataset`` whose items are
+    ``PreparedDataset``'s (``image`` (1, D, H, W) float32 in [0, 1], ``mask`` (1, D, H, W) uint8 in {0, 1, 2}).
     ``stop_after`` ends this call after that many steps, as a killed job would (tests of resume).
     Errors (bad data, existing outputs without ``resume``/``overwrite``) are raised before anything
     in ``run`` is written or deleted. A VQ-GAN that will change (``overwrite``, or ``resume`` with steps
@@ -104,11 +169,8 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     from lad.training.losses import VQGANLoss
 
     run = Path(run)
-    dev = init_distributed(resolve_device(device))  # torchrun: process group; cuda -> cuda:LOCAL_RANK
-    check_global_batch(cfg.vqgan_train.batch_size, "vqgan_train.batch_size")
+    dev = training_device(device, cfg.precision, cfg.vqgan_train.batch_size, "vqgan_train.batch_size")
     ds = open_training_data(data, cfg, progress_bar=progress_bar)
-    if cfg.precision == "fp16" and dev.type != "cuda":
-        raise ValueError("precision fp16 needs CUDA; use fp32 (or bf16, slow on CPU) with --device cpu")
     if resume:
         check_resume_config(run, cfg, ("vqgan", "vqgan_train", "seed"))
     t = cfg.vqgan_train
@@ -129,92 +191,12 @@ def train_vqgan(data: str | Path, run: str | Path, cfg: TrainConfig, *, resume: 
     if get_world_size() > 1:
         crit = sync_batchnorm(crit, dev)
         crit.set_shard(get_rank(), get_world_size())
-    model_step, disc_step = wrap_ddp(model, dev), wrap_ddp(_DiscriminatorStep(crit), dev)
-    # fused Adam (one kernel for all tensors) as in the diffusion trainer
-    opt_g = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas), fused=True)
-    opt_d = torch.optim.Adam(crit.discriminator_parameters(), lr=t.lr, betas=tuple(t.betas), fused=True)
-    scaler_g, scaler_d = make_grad_scaler(dev, cfg.precision), make_grad_scaler(dev, cfg.precision)
-    modules, optims = {"vqgan": model, "loss": crit}, {"opt_g": opt_g, "opt_d": opt_d, "scaler_g": scaler_g, "scaler_d": scaler_d}
-    ckpt = CheckpointManager(run / "checkpoints" / "vqgan", cfg.logging.keep_last)
-    start = 0
-    if resume and (state := load_latest_checkpoint(ckpt, modules, optims, dev)) is not None:
-        start = state["step"]
-        restore_rng_state(state["rng"])
-    logger = Logger(run / "tensorboard" / "vqgan", jsonl=run / "logs" / "vqgan.jsonl", device=dev)
-    guard, dguard = NonFiniteGuard(cfg.logging.max_nonfinite_steps), NonFiniteGuard(cfg.logging.max_nonfinite_steps)
+    step = _VQGANStep(ds, model, crit, wrap_ddp(model, dev), wrap_ddp(_DiscriminatorStep(crit), dev), cfg, dev, run=run, data=data)
     model.train()
     crit.train()
-    end = t.steps if stop_after is None else min(t.steps, start + stop_after)
-    bar = progress(range(start, end), total=end - start, desc="vqgan", unit="step", disable=not progress_bar)
-    t_last, n_last, t_data, running = time.perf_counter(), start, 0.0, float("nan")
-    for step in bar:
-        for opt in (opt_g, opt_d):  # a function of the step alone: a resumed run continues it exactly
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, t)
-        seed_step(cfg.seed, step, "vqgan")
-        gen = step_generator(cfg.seed, step, "vqgan")
-        t0 = time.perf_counter()
-        batch = gather_batch(ds, shard_batch(batch_indices(step, t.batch_size, len(ds), cfg.seed)), dev)
-        t_data += time.perf_counter() - t0
-        x, mask = batch["image"], batch["mask"]
-        saved = _buffers(model, crit)
-        disc = crit.discriminator_parameters()
-        for p in disc:  # the generator's pass needs no discriminator gradients (they would be discarded)
-            p.requires_grad_(False)
-        with autocast(dev, cfg.precision):
-            out = model_step(x)
-            g_loss, logs = crit.generator_loss(x, out, mask, step, gen)
-        opt_g.zero_grad(set_to_none=True)
-        scaler_g.scale(g_loss).backward()
-        for p in disc:
-            p.requires_grad_(True)
-        scaler_g.unscale_(opt_g)
-        g_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip, foreach=True)
-        if guard.ok(g_loss, step, None if scaler_g.is_enabled() else g_norm):
-            scaler_g.step(opt_g)
-            scaler_g.update()
-            if step >= t.disc_start:
-                with autocast(dev, cfg.precision):
-                    d_loss, dlogs = disc_step(x, out.recon.detach(), step, gen)
-                opt_d.zero_grad(set_to_none=True)
-                scaler_d.scale(d_loss).backward()
-                scaler_d.unscale_(opt_d)
-                d_norm = torch.nn.utils.clip_grad_norm_(crit.discriminator_parameters(), t.grad_clip, foreach=True)
-                if dguard.ok(d_loss, step, None if scaler_d.is_enabled() else d_norm):
-                    scaler_d.step(opt_d)
-                    logs.update(dlogs)
-                scaler_d.update()
-            logs.update(perplexity=out.perplexity.detach(), codebook_usage=out.usage.detach(), grad_norm=g_norm.detach())
-            logger.accumulate(logs)
-        else:  # undo what the forward pass changed (EMA codebook, BatchNorm statistics)
-            for b, copy in saved:
-                b.copy_(copy)
-            opt_g.zero_grad(set_to_none=True)
-            scaler_g.update()
-        done = step + 1
-        if done % cfg.logging.log_every == 0 or done == end:
-            now = time.perf_counter()
-            rate = (done - n_last) / max(now - t_last, 1e-9)
-            means = logger.flush(done, "vqgan", {"lr": opt_g.param_groups[0]["lr"], "steps_per_s": rate,
-                                                 "samples_per_s": rate * t.batch_size, "step_time_s": 1 / max(rate, 1e-9),
-                                                 "data_share": t_data / max(now - t_last, 1e-9), "skipped_steps": guard.skipped})
-            running = means.get("total", running)
-            t_last, n_last, t_data = now, done, 0.0
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{means.get('total', float('nan')):.4f}", ppl=f"{means.get('perplexity', 0):.0f}")
-        if cfg.logging.image_every and done % cfg.logging.image_every == 0 and is_main_process():
-            logger.image("vqgan/input_vs_recon", slice_grid([x[0], out.recon[0]]), done)
-        # no checkpoint during a run of skipped (non-finite) steps: resume from the last healthy one
-        if (done % cfg.logging.checkpoint_every == 0 or done == t.steps) and guard.in_a_row == 0:
-            save_checkpoint(ckpt, done, modules, optims,
-                            {"rng": capture_rng_state(), "data": data_state(done, t.batch_size, len(ds), cfg.seed)}, metric=running)
-    logger.close()
-    if end == t.steps and is_main_process():
-        model.eval().save_pretrained(run / "vqgan", extra={"trained_steps": t.steps, "variant": cfg.variant})
-        log.info("VQ-GAN saved to %s", run / "vqgan")
-        from lad.evaluation.reconstruction import write_reconstruction_report
-
-        rec = write_reconstruction_report(model, data, run / "vqgan_reconstruction.json", device=dev)
-        log.info("VQ-GAN on the %s windows: MAE %.1f HU in the body, %d codes used", rec["split"], rec["mae_body_hu"] or float("nan"),
-                 rec["codes_used"])
+    trainer = Trainer.from_logging(step, cfg.logging, steps=t.steps, part="vqgan", device=dev, seed=cfg.seed, num_samples=len(ds),
+                                   batch_size=t.batch_size, checkpoints=run / "checkpoints" / "vqgan",
+                                   tensorboard=run / "tensorboard" / "vqgan", jsonl=run / "logs" / "vqgan.jsonl",
+                                   progress_bar=progress_bar)
+    trainer.run(resume=resume, stop_after=stop_after)
     return run / "vqgan"

@@ -303,8 +303,10 @@ def run_ssl(data: str | Path, out: str | Path, cfg: SSLExperimentConfig, *, trai
     if resume and sfile.exists():
         import yaml
 
+        from lad.training.common import changed_keys
+
         old = json.loads(sfile.read_text())
-        diff = sorted(k for k in settings if k != "runs" and old.get(k) != json.loads(json.dumps(settings[k])))
+        diff = changed_keys(old, settings, keys=sorted(settings), ignore=("runs",))
         cfile = out / "config.yaml"
         if cfile.exists() and yaml.safe_load(cfile.read_text()) != yaml.safe_load(yaml.safe_dump(to_dict(cfg))):
             diff.append("config (--preset / --set)")

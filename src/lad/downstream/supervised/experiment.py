@@ -239,11 +239,13 @@ def _parse_sizes(real_sizes) -> list[int]:
 
 
 def _check_settings(out: Path, settings: dict, resume: bool) -> None:
+    from lad.training.common import changed_keys
+
     f = out / "experiment.json"
     if resume and f.exists():
         old = json.loads(f.read_text())
         keys = ("data", "synthetic", "synthetic_multiple", "synthetic_volumes", "ood_test", "config")
-        diff = [k for k in keys if json.dumps(old.get(k), sort_keys=True) != json.dumps(settings.get(k), sort_keys=True)]
+        diff = changed_keys(old, settings, keys=keys)
         if diff:
             raise ValueError(f"{f}: --resume with different settings ({', '.join(diff)}); resume with the original "
                              "--data/--synthetic/--synthetic-multiple/--synthetic-volumes/--ood-test/--preset/--set or use a new --out")
