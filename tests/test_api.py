@@ -36,7 +36,7 @@ def _old_latent_stats(z: torch.Tensor) -> dict:
 
 def test_import_lad_is_light_and_exports_the_main_objects():
     code = "import sys, lad; print(sorted(m for m in ('torch', 'monai', 'numpy') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True).stdout.strip()
     assert out == "[]"  # the names load on first use
     expected = {"PreparedDataset", "LadPipeline", "VQGAN", "LatentDenoiser", "ConditionExtractor", "LatentScaler", "train_vqgan",
                 "train_diffusion", "generate_samples", "evaluate", "resolve_train_config"}

@@ -191,7 +191,7 @@ def test_ema_hand_computed():
 
 def test_cli_help():
     for args in (["train", "--help"], ["train", "vqgan", "--help"], ["train", "diffusion", "--help"]):
-        r = subprocess.run([sys.executable, "-m", "lad", *args], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "lad", *args], capture_output=True, text=True, encoding="utf-8", errors="replace")
         assert r.returncode == 0 and "usage: lad train" in r.stdout, r.stderr
         if len(args) == 3:
             for flag in ("--data", "--run", "--preset", "--variant", "--set", "--resume", "--overwrite", "--device", "--seed",

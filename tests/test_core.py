@@ -126,7 +126,7 @@ def test_derive_seed_is_stable_and_distinct():
 
 
 def test_cli_help_and_module_entry():
-    out = subprocess.run([sys.executable, "-m", "lad", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "lad", "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert out.returncode == 0 and "usage: lad" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "lad", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "lad", "--version"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert out.stdout.strip().startswith("lad ")

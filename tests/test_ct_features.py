@@ -85,6 +85,6 @@ def test_evaluate_uses_in_domain_features_and_refuses_leaked_ones(tiny_features,
 
 def test_cli_trains(tiny_prepared, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lad", "features", "train", "--data", str(tiny_prepared), "--out", str(tmp_path / "f"),
-                        "--preset", "tiny", "--set", "steps=2"], capture_output=True, text=True)
+                        "--preset", "tiny", "--set", "steps=2"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr
     assert "training Dice" in r.stdout and (tmp_path / "f" / "model" / "model.safetensors").exists()

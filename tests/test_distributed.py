@@ -71,7 +71,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = _torchrun_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--standalone",
            "-m", "lad", *args, *([] if "--no-progress" in args else ["--no-progress"])]
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
 
@@ -375,7 +375,7 @@ def test_two_node_rendezvous_equals_one_rank(runs, tiny_prepared):
          "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "lad-test",
          "-m", "lad", "train", "diffusion", "--data", str(tiny_prepared), "--run-dir", str(run), "--preset", "tiny",
          *_sets(DIFF_SET), "--no-progress"],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in range(2)]
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace") for node in range(2)]
     try:
         outs = [p.communicate(timeout=600)[0] for p in procs]
     finally:  # a node that lost its peer must not outlive the test

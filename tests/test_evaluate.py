@@ -54,7 +54,7 @@ def test_evaluate_writes_metrics_and_report(tiny_run, tiny_prepared, tmp_path):
     assert "different median-HU selection" in html
     assert m["settings"]["mds_ellipses"] == "least-squares" and "least-squares ellipses" in html
     r = subprocess.run([sys.executable, "-m", "lad", "evaluate", "--real", str(tiny_prepared), "--synthetic", str(tmp_path / "nope"),
-                        "--out", str(tmp_path / "r2")], capture_output=True, text=True)
+                        "--out", str(tmp_path / "r2")], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 2 and "not a lad sample folder" in r.stderr
 
 

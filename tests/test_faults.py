@@ -626,7 +626,7 @@ def test_text_outputs_are_utf8_under_an_ascii_locale(tmp_path):
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     code = ("import sys; from lad.utils.atomic import write_text; assert sys.getfilesystemencoding(); "
             "import locale; print(locale.getpreferredencoding(False)); write_text(sys.argv[1], 'V0 \\u2014 Lad')")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.html")], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.html")], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr  # the report's dash under an ASCII locale
     assert (tmp_path / "r.html").read_bytes() == "V0 \u2014 Lad".encode()
 

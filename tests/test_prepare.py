@@ -161,18 +161,18 @@ def test_cli_prepare_and_export(tmp_path):
     _case(tmp_path / "raw", "Case_00001")
     cmd = [sys.executable, "-m", "lad", "prepare", "--layout", "abdomenct1k", "--input", str(tmp_path / "raw"),
            "--output", str(tmp_path / "prep"), "--preset", "tiny", "--spacing", "4", "4", "4", "--no-progress"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert out.returncode == 0, out.stderr
     assert "prepared 1/1 patients" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "lad", "prepare", "--layout", "abdomenct1k", "--input", str(tmp_path / "raw"),
-                          "--output", str(tmp_path / "prep"), "--preset", "nope"], capture_output=True, text=True)
+                          "--output", str(tmp_path / "prep"), "--preset", "nope"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert bad.returncode == 2 and "unknown prepare preset 'nope'" in bad.stderr
     wid = json.loads((tmp_path / "prep" / "manifest.json").read_text())["windows"][0]["id"]
     out = subprocess.run([sys.executable, "-m", "lad", "export-window", str(tmp_path / "prep"), wid, "--out", str(tmp_path / "e")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert out.returncode == 0 and (tmp_path / "e" / f"{wid}_image.nii.gz").exists()
     for verb in ("prepare", "export-window", "phantom", "sample"):
-        h = subprocess.run([sys.executable, "-m", "lad", verb, "--help"], capture_output=True, text=True)
+        h = subprocess.run([sys.executable, "-m", "lad", verb, "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace")
         assert h.returncode == 0 and "usage: lad" in h.stdout
 
 

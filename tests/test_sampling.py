@@ -140,11 +140,11 @@ def test_mask_sources_npy_nifti_and_bad_labels(tiny_run, tiny_prepared, tmp_path
 
 def test_cli_sample_with_preview(tiny_run, tiny_prepared, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lad", "sample", "--run", str(tiny_run), "--masks", str(tiny_prepared), "--n", "2",
-                        "--out", str(tmp_path / "c"), "--steps", "3", "--preview", "--no-progress"], capture_output=True, text=True)
+                        "--out", str(tmp_path / "c"), "--steps", "3", "--preview", "--no-progress"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr
     assert "written=2" in r.stdout and (tmp_path / "c" / "preview.png").stat().st_size > 5000
     r = subprocess.run([sys.executable, "-m", "lad", "sample", "--run", str(tmp_path / "nothing"), "--masks", str(tiny_prepared),
-                        "--n", "1", "--out", str(tmp_path / "d")], capture_output=True, text=True)
+                        "--n", "1", "--out", str(tmp_path / "d")], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 2 and "no trained VQ-GAN" in r.stderr
     shutil.rmtree(tmp_path / "c")
 

@@ -182,19 +182,19 @@ def test_cli_end_to_end(handmade_prepared, tmp_path):
     run = tmp_path / "run"
     base = ["--data", str(handmade_prepared), "--run", str(run), "--preset", "tiny", "--no-progress", "--variant", "V2"]
     cmd = [sys.executable, "-m", "lad", "train"]
-    r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.steps=2"], capture_output=True, text=True)
+    r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.steps=2"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr
     r = subprocess.run(cmd + ["diffusion", *base, "--set", "vqgan_train.steps=2", "--set", "diffusion_train.steps=2"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr
     assert (run / "denoiser_ema" / "model.safetensors").exists() and (run / "condition" / "model.safetensors").exists()
     assert "mask_z" not in load_file(str(run / "latent_cache" / "latents.safetensors"))  # V2: structure only
-    r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.steps=2"], capture_output=True, text=True)
+    r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.steps=2"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.stepz=2"], capture_output=True, text=True)
+    r = subprocess.run(cmd + ["vqgan", *base, "--set", "vqgan_train.stepz=2"], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 2 and "unknown key 'stepz'" in r.stderr
     r = subprocess.run(cmd + ["vqgan", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--preset", "tiny"], capture_output=True,
-                       text=True)
+                       text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 2 and "not a prepared dataset" in r.stderr and "Traceback" not in r.stderr
 
 
