@@ -221,6 +221,25 @@ def test_refusals_leave_folders_untouched(handmade_prepared, tmp_path):
         train_hagan(handmade_prepared, tmp_path / "old", _cfg(), progress_bar=False)
 
 
+def test_nan_guard_skips_then_stops_without_checkpoint(handmade_prepared, tmp_path, monkeypatch):
+    from lad.training import hagan_trainer
+
+    real, calls = hagan_trainer.generator_loss, {"n": 0}
+
+    def flaky(*a, **k):  # G's loss is NaN at (0-based) step 1, then from step 3 on
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 2 or calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(hagan_trainer, "generator_loss", flaky)
+    cfg = _cfg("hagan_train.steps=10", "logging.checkpoint_every=3", "logging.max_nonfinite_steps=3")
+    with pytest.raises(RuntimeError, match="3 consecutive non-finite losses at step 5"):
+        train_hagan(handmade_prepared, tmp_path / "r", cfg, progress_bar=False)
+    # the checkpoint after 3 steps was written (step 1 was a single skip); none from the failing run that followed
+    assert [p.name for p in (tmp_path / "r" / "checkpoints" / "hagan").iterdir()] == ["step_0000003"]
+    assert not (tmp_path / "r" / "hagan").exists()
+
+
 @pytest.fixture(scope="module")
 def hagan_run(tiny_prepared, tmp_path_factory):
     """HA-GAN (tiny preset) trained on the phantom tiny dataset, the model's depth twice the windows' (the Lad paper's
