@@ -148,9 +148,16 @@ def _set_trainable(parts: HAGANParts, *names: str) -> None:
         mod.requires_grad_(name in names)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _check_resume_config(run: Path, cfg: HAGANConfig, ckpt: CheckpointManager) -> None:
-    """On ``--resume``: refuse a config that differs from ``RUN/hagan.yaml`` (except the step count) or a step count
-    below the newest checkpoint."""
+    """On ``--resume``: refuse a config that differs from ``RUN/hagan.yaml`` (except the step count and the logging
+    section) or a step count below the newest checkpoint."""
     done = ckpt.steps()
     if done and done[-1] > cfg.hagan_train.steps:
         raise ValueError(f"{ckpt.root}: --resume with hagan_train.steps={cfg.hagan_train.steps}, but the newest checkpoint "
@@ -158,15 +165,12 @@ def _check_resume_config(run: Path, cfg: HAGANConfig, ckpt: CheckpointManager) -
     f = run / "hagan.yaml"
     if not f.exists():
         return
-    saved, new = yaml.safe_load(f.read_text(encoding="utf-8")) or {}, to_dict(cfg)
-    for d in (saved, new):
-        d.get("hagan_train", {}).pop("steps", None)
-        d.pop("logging", None)  # how often to log or checkpoint does not change the training
-    saved, new = yaml.safe_load(yaml.safe_dump(saved)), yaml.safe_load(yaml.safe_dump(new))  # tuples vs lists
-    if saved != new:
-        diff = sorted(f"{s}.{k}" for s in set(saved) | set(new) for k in set(saved.get(s) or {}) | set(new.get(s) or {})
-                      if isinstance(saved.get(s), dict) and (saved.get(s) or {}).get(k) != (new.get(s) or {}).get(k))
-        diff += sorted(s for s in set(saved) | set(new) if not isinstance(saved.get(s), dict) and saved.get(s) != new.get(s))
+    # through YAML both ways: tuples and lists compare equal
+    saved = _flat(yaml.safe_load(f.read_text(encoding="utf-8")) or {})
+    new = _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    diff = sorted(k for k in set(saved) | set(new)
+                  if k != "hagan_train.steps" and not k.startswith("logging.") and saved.get(k) != new.get(k))
+    if diff:
         raise ValueError(f"{f}: --resume with a different config ({', '.join(diff)}); resume with the run's own config "
                          "(--preset/--set as before) or start a new run")
 
@@ -252,8 +256,9 @@ def train_hagan(data: str | Path, run: str | Path, cfg: HAGANConfig, *, resume: 
         with autocast(dev, cfg.precision):
             sub_loss = sub_encoder_loss(g, e, se, x, real_small, real_crop, s)
         _optimise(opts["opt_sub_e"], sub_loss, guards["sub_e"], step)
-        logs.update(d=d_loss.detach(), g=g_loss.detach(), e=e_loss.detach(), sub_e=sub_loss.detach())
-        logger.accumulate({k: v for k, v in logs.items() if torch.isfinite(v)})
+        if all(gd.in_a_row == 0 for gd in guards.values()):  # no NaN in the logged means
+            logs.update(d=d_loss.detach(), g=g_loss.detach(), e=e_loss.detach(), sub_e=sub_loss.detach())
+            logger.accumulate(logs)
         done = step + 1
         if done % cfg.logging.log_every == 0 or done == end:
             now = time.perf_counter()
