@@ -282,9 +282,11 @@ def test_sample_folder_is_read_by_evaluate(hagan_run, tiny_prepared, tmp_path):
 def test_cli_train_hagan(handmade_prepared, tmp_path):
     from lad.cli import main
 
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("hagan_train: {steps: 3, lr_d: 2.0e-4}\nseed: 1\n", encoding="utf-8")
     rc = main(["train", "hagan", "--data", str(handmade_prepared), "--run", str(tmp_path / "r"), "--preset", "tiny",
-               "--set", "hagan_train.steps=1", "--no-progress"])
+               "--config", str(extra), "--seed", "5", "--set", "hagan_train.steps=1", "--no-progress"])
     assert rc == 0 and (tmp_path / "r" / "hagan" / "generator" / "model.safetensors").exists()
-    saved = (tmp_path / "r" / "hagan.yaml").read_text(encoding="utf-8")
-    assert "crop_depth: 4" in saved and "steps: 1" in saved
+    saved = resolve_hagan_config("tiny", config=tmp_path / "r" / "hagan.yaml")  # preset < --config < --seed < --set
+    assert (saved.hagan.crop_depth, saved.hagan_train.steps, saved.hagan_train.lr_d, saved.seed) == (4, 1, 2.0e-4, 5)
     assert main(["train", "hagan", "--data", str(handmade_prepared), "--run", str(tmp_path / "r"), "--preset", "nope"]) != 0

@@ -53,8 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder for HA-GAN (not one holding a Lad model)")
     h.add_argument("--preset", default="demo", help="paper (aliases paper-abdomenct1k, paper-totalsegmentator: the Lad paper's "
                    "protocol, depth resized to 256) | paper-native | demo | tiny | a YAML file")
+    h.add_argument("--config", metavar="FILE.yaml",
+                   help="a YAML file of config values (some keys, or a whole RUN/hagan.yaml) over the preset")
     h.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set hagan_train.steps=500 (repeatable; unknown keys are rejected)")
+                   help="override a config value, e.g. --set hagan_train.steps=500 (repeatable; unknown keys are rejected; "
+                   "wins over --preset, --config and --seed; the result is saved as RUN/hagan.yaml)")
     h.add_argument("--seed", type=int)
     h.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     h.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -96,13 +99,14 @@ def run_diffusion(args: argparse.Namespace) -> int:
 
 
 def run_hagan(args: argparse.Namespace) -> int:
+    from lad.cli import progress_bar
     from lad.cli._args import check_device
     from lad.training.hagan_config import resolve_hagan_config
     from lad.training.hagan_trainer import train_hagan
 
     check_device(args.device)
-    cfg = resolve_hagan_config(args.preset, args.overrides, seed=args.seed)
+    cfg = resolve_hagan_config(args.preset, args.overrides, seed=args.seed, config=args.config)
     out = train_hagan(args.data, args.run, cfg, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                      progress_bar=not args.no_progress)
+                      progress_bar=progress_bar(args))
     print(f"HA-GAN: {out}")
     return 0

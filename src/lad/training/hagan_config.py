@@ -17,7 +17,9 @@ import dataclasses
 import math
 from typing import Literal
 
-from lad.config import apply_overrides, load_preset
+from pathlib import Path
+
+from lad.config import load_layer, resolve_config
 from lad.training.config import LoggingConfig
 
 __all__ = ["HAGANConfig", "HAGANModelConfig", "HAGANTrainConfig", "resolve_hagan_config", "validate_hagan_config",
@@ -73,11 +75,16 @@ class HAGANConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 
-def resolve_hagan_config(preset: str = "demo", overrides: list[str] | None = None, seed: int | None = None) -> HAGANConfig:
-    """Preset (``hagan-<name>.yaml`` or a YAML path) -> ``--set`` overrides -> ``--seed``; validated."""
-    cfg = apply_overrides(load_preset(HAGANConfig, "hagan", PRESET_ALIASES.get(preset, preset)), overrides)
+def resolve_hagan_config(preset: str = "demo", overrides: list[str] | None = None, seed: int | None = None,
+                         config: str | Path | None = None) -> HAGANConfig:
+    """The HA-GAN config: preset (``hagan-<name>.yaml``, an alias, or a YAML file) < ``config`` file (some keys, e.g.
+    another run's ``RUN/hagan.yaml``) < ``seed`` (``--seed``) < ``--set`` ``overrides``; validated."""
+    layers = []
+    if config is not None:
+        layers.append((str(config), load_layer(config)))
     if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=seed)
+        layers.append(("--seed", {"seed": int(seed)}))
+    cfg = resolve_config(HAGANConfig, "hagan", PRESET_ALIASES.get(preset, preset), layers=layers, overrides=overrides)
     validate_hagan_config(cfg)
     return cfg
 

@@ -195,7 +195,7 @@ def train_hagan(data: str | Path, run: str | Path, cfg: HAGANConfig, *, resume: 
     if lad_parts:
         raise FileExistsError(f"{run}: holds a Lad model ({', '.join(lad_parts)}); train HA-GAN into a run folder of its own")
     ds = PreparedDataset(data, split="train", organ_labels=False)
-    validate_dataset(ds)
+    validate_dataset(ds, progress_bar=progress_bar)
     t = cfg.hagan_train
     torch.manual_seed(cfg.seed)  # networks are built (and their sizes checked) before the run folder is touched
     parts = build_hagan(cfg, ds.shape)
