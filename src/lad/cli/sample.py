@@ -16,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Re-running the same command resumes; --shard i/k (or torchrun) splits the work.",
     )
     p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder written by `lad train vqgan` + `lad train diffusion` (--run-dir: the same, for torchrun, "
-                   "whose own parser rejects --run as an ambiguous abbreviation)")
+                   help="run folder written by `lad train vqgan` + `lad train diffusion`, or by `lad train hagan` (the HA-GAN "
+                   "baseline: no --sampler/--steps/--guidance) (--run-dir: the same, for torchrun, whose own parser rejects "
+                   "--run as an ambiguous abbreviation)")
     p.add_argument("--masks", default=None, help="prepared dataset, folder of NIfTI masks, or folder of .npy masks (public release "
                    "format); required unless --inpaint")
     p.add_argument("--n", "--num-samples", dest="n", type=positive_int, required=True,

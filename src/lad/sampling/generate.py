@@ -6,7 +6,10 @@ classifier-free guidance, decoding, then the NIfTI files and, last, the sample's
 ``lad.sampling.writer``). Sampler, steps and guidance not given come from the run's ``sampling``
 section (``RUN/config.yaml``: the paper presets sample with DDPM-300, the demo and tiny presets with
 our DDIM-50). ``run`` is a run folder or an exported pipeline (``LadPipeline.save_pretrained``): both
-load through ``LadPipeline.from_pretrained`` and sample through ``LadPipeline.__call__``.
+load through ``LadPipeline.from_pretrained`` and sample through ``LadPipeline.__call__``. A run folder holding an HA-GAN
+(``lad train hagan``: ``RUN/hagan/``) is sampled with ``lad.sampling.hagan.HAGANPipeline`` instead: unconditional,
+no sampler, steps or guidance (recorded as ``sampler: "hagan"``); the drawn (augmented) mask is written beside each
+sample, as for V0.
 
 Optional selection (``quality_check``, off by default; not in the paper): a sample whose median HU
 inside the conditioned organ lies outside the range seen in the training data is redrawn, up to
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from lad.sampling.augment import NO_AUGMENTATION, AugmentConfig, augment_mask
+from lad.sampling.hagan import is_hagan_run
 from lad.sampling.masks import MaskItem, MaskSource
 from lad.sampling.writer import SampleFolder, parse_shard, shard_indices
 from lad.utils.log import get_logger, progress
@@ -158,19 +162,23 @@ def generate_samples(
     # long timeout (ranks finish their shards at different times)
     torchrun = shard is None and ddist.env_world()[1] > 1
     dev = ddist.init_distributed(device, backend="gloo", timeout_min=24 * 60) if torchrun else ddist.local_device(device)
-    settings = resolve_settings(settings, run)  # unset sampler / steps / guidance: the run's sampling section
-    if settings.sampler not in SAMPLERS:
-        raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {settings.sampler!r}")
-    if not math.isfinite(settings.guidance):
-        raise ValueError(f"--guidance must be a finite number, got {settings.guidance}")
-    if int(settings.steps) != settings.steps or settings.steps < 1:
-        raise ValueError(f"--steps must be a whole number >= 1, got {settings.steps}")
-    pipe = LadPipeline.from_pretrained(run, device=str(dev))
-    check_sampler(pipe.scheduler.config["prediction_type"], settings.sampler)  # euler for rectified flow, else the others
-    max_steps = int(pipe.scheduler.config["num_train_timesteps"])
-    if settings.steps > max_steps:
-        raise ValueError(f"--steps {settings.steps}: the model was trained with {max_steps} timesteps, so at most "
-                         f"{max_steps} sampling steps can run")
+    if is_hagan_run(run):  # the HA-GAN baseline (lad train hagan): unconditional, no sampler
+        pipe = _hagan_pipeline(run, settings, dev)
+        settings = dataclasses.replace(settings, sampler="hagan")
+    else:
+        settings = resolve_settings(settings, run)  # unset sampler / steps / guidance: the run's sampling section
+        if settings.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {settings.sampler!r}")
+        if not math.isfinite(settings.guidance):
+            raise ValueError(f"--guidance must be a finite number, got {settings.guidance}")
+        if int(settings.steps) != settings.steps or settings.steps < 1:
+            raise ValueError(f"--steps must be a whole number >= 1, got {settings.steps}")
+        pipe = LadPipeline.from_pretrained(run, device=str(dev))
+        check_sampler(pipe.scheduler.config["prediction_type"], settings.sampler)  # euler for rectified flow, else the others
+        max_steps = int(pipe.scheduler.config["num_train_timesteps"])
+        if settings.steps > max_steps:
+            raise ValueError(f"--steps {settings.steps}: the model was trained with {max_steps} timesteps, so at most "
+                             f"{max_steps} sampling steps can run")
     stats = pipe.latent_stats
     source = MaskSource(masks, shape=pipe.image_shape, spacing=stats.get("spacing"))
     folder = SampleFolder(out)
@@ -189,6 +197,15 @@ def generate_samples(
                          progress_bar)
     finally:
         folder.unlock(lock)
+
+
+def _hagan_pipeline(run, settings: SampleSettings, dev):
+    from lad.sampling.hagan import HAGANPipeline
+
+    given = [f"--{k}" for k in ("sampler", "steps", "guidance") if getattr(settings, k) is not None]
+    if given:
+        raise ValueError(f"{run}: an HA-GAN run (unconditional GAN) has no {', '.join(given)}; leave them out")
+    return HAGANPipeline.from_run(run, device=str(dev))
 
 
 def _generate(pipe, source: MaskSource, folder: SampleFolder, settings: SampleSettings, shard_ik: tuple[int, int],
@@ -256,6 +273,7 @@ def _generate(pipe, source: MaskSource, folder: SampleFolder, settings: SampleSe
     secs = time.perf_counter() - t0
     summary = {"written": done, "redrawn": redrawn, "finished_total": total, "requested": settings.n,
                "seconds": round(secs, 2), "seconds_per_volume": round(secs / max(done, 1), 3)}
-    log.info("sampled %d volumes (%s-%d, w = %g; %d median-HU redraws) in %.1f s; %d/%d finished in %s", done,
-             settings.sampler.upper(), settings.steps, settings.guidance, redrawn, secs, total, settings.n, out)
+    how = "HA-GAN" if settings.sampler == "hagan" else f"{settings.sampler.upper()}-{settings.steps}, w = {settings.guidance:g}"
+    log.info("sampled %d volumes (%s; %d median-HU redraws) in %.1f s; %d/%d finished in %s", done, how, redrawn, secs,
+             total, settings.n, out)
     return summary
