@@ -227,6 +227,7 @@ def test_ema_and_beta_clip_presets():
     for name in ("paper-abdomenct1k", "paper-totalsegmentator"):
         d = resolve_train_config(name).diffusion_train
         assert (d.ema_decay, d.ema_every, d.ema_start, d.beta_max) == (0.995, 10, 2000, 0.9999), name
+        assert resolve_train_config(name).denoiser.conditioning == "concat", name  # the release's condition path
     for name in ("demo", "tiny"):
         d = resolve_train_config(name).diffusion_train
         assert (d.ema_every, d.ema_start, d.beta_max) == (1, 0, 0.999), name
