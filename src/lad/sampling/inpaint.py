@@ -29,7 +29,6 @@ CVPR 2022), which needs no inpainting training. Per output ``j`` (seed ``derive_
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -239,14 +238,9 @@ class CTSource:
                                                      for k in ("image", "mask")]
         else:
             files = [f for case in self.ids for f in self.pairs[case]]
-        h = hashlib.sha256()
-        for f in files:
-            try:
-                st = f.stat()
-                h.update(f"{f.relative_to(self.path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-            except FileNotFoundError:
-                h.update(f"{f.relative_to(self.path)}\tmissing\n".encode())
-        return h.hexdigest()
+        from lad.sampling.masks import files_fingerprint
+
+        return files_fingerprint(self.path, files)
 
 
 # ------------------------------------------------------------------------------------------------ tumour masks

@@ -14,6 +14,7 @@ to it with a warning; labels outside {0, 1, 2} are rejected with the file named.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from lad.utils.log import get_logger
 
-__all__ = ["MaskItem", "MaskSource", "open_mask_source"]
+__all__ = ["MaskItem", "MaskSource", "open_mask_source", "files_fingerprint"]
 
 log = get_logger(__name__)
 
@@ -104,21 +105,13 @@ class MaskSource:
         A mask added, removed, rewritten or truncated changes it; ``lad sample`` refuses to resume a
         folder whose records were made from another fingerprint.
         """
-        import hashlib
 
         if self.kind == "prepared":
             patients = sorted({w["patient"] for w in self._dataset.windows})
             files = [self.path / "manifest.json"] + [self.path / "patients" / p / "mask.npy" for p in patients]
         else:
             files = list(self.files)
-        h = hashlib.sha256()
-        for f in files:
-            try:
-                st = f.stat()
-                h.update(f"{f.relative_to(self.path)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-            except FileNotFoundError:
-                h.update(f"{f.relative_to(self.path)}\tmissing\n".encode())
-        return h.hexdigest()
+        return files_fingerprint(self.path, files)
 
     def _npy_affine(self, shape: Sequence[int]) -> np.ndarray:
         # public-release arrays carry no geometry: use the model's spacing in the canonical orientation
@@ -162,3 +155,15 @@ class MaskSource:
 def open_mask_source(path: str | Path, **kwargs) -> MaskSource:
     """Open a mask source (prepared dataset, NIfTI folder or public-release .npy folder)."""
     return MaskSource(path, **kwargs)
+
+
+def files_fingerprint(root: Path, files) -> str:
+    """sha256 over each file's path (relative to ``root``), size and modification time ("missing" when gone)."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except FileNotFoundError:
+            h.update(f"{f.relative_to(root)}\tmissing\n".encode())
+    return h.hexdigest()
